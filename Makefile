@@ -1,0 +1,68 @@
+# The two commands a new user needs are `make run` and `make test`; both
+# install whatever is missing first.  Everything lives under .venv/ and
+# .tools/, which this Makefile owns.
+
+SHELL      := /bin/bash
+PYTHON     ?= python3
+VENV       := .venv
+BIN        := $(VENV)/bin
+TOOLS      := .tools
+STAMP      := $(VENV)/.installed
+CONFIG     ?= gateway/resources/dev.yaml
+PYTEST     := $(BIN)/pytest
+
+.PHONY: run test test-unit test-integration lint fmt typecheck sysdeps venv bench clean
+
+run: sysdeps venv
+	$(BIN)/mcp-gateway serve --config $(CONFIG)
+
+test: sysdeps venv lint
+	$(PYTEST) -q tests/unit tests/integration
+
+test-unit: venv
+	$(PYTEST) -q -m unit tests/unit
+
+test-integration: sysdeps venv
+	$(PYTEST) -q tests/integration
+
+lint: venv
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/mypy
+
+fmt: venv
+	$(BIN)/ruff format gateway tests bench
+	$(BIN)/ruff check --fix gateway tests bench
+
+bench: sysdeps venv
+	$(BIN)/python -m bench.roundtrip
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "error: Python 3.11 or newer is needed as '$(PYTHON)' (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Debian packages: installed when running as root, otherwise explained.
+SYSDEPS_BIN := bwrap
+sysdeps:
+	@missing=""; \
+	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	ldconfig -p 2>/dev/null | grep -q 'libseccomp.so.2' || missing="$$missing libseccomp2"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "error: missing Debian packages:$$missing"; \
+	    echo "       run: sudo apt-get install$$missing"; exit 1; \
+	  fi; \
+	fi
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache
