@@ -1,0 +1,122 @@
+"""Assembles the gateway from a :class:`~gateway.config.Config`.
+
+Components are built in ``cleanup_ctx`` order (audit, store, policy,
+sandbox, tasks) and torn down in reverse; any seam can be replaced through
+:class:`Components` for tests of the adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from gateway.audit import AuditLog, AuditSink
+from gateway.auth import TokenAuthenticator
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.policy import EmbeddedEngine, PolicyEngine
+from gateway.rest import AUTH, GATEWAY, PUBLIC, add_routes, error_middleware
+from gateway.sandbox import BwrapSandbox, Sandbox
+from gateway.service import Gateway
+from gateway.store import SqliteTaskStore
+from gateway.tasks import TaskManager
+from gateway.workspace import Workspaces
+
+log = structlog.get_logger("gateway.app")
+
+
+@dataclasses.dataclass
+class Components:
+    """Optional replacements for the production seams."""
+
+    policy: PolicyEngine | None = None
+    sandbox: Sandbox | None = None
+    audit: AuditSink | None = None
+
+
+def make_policy(config: Config) -> PolicyEngine:
+    return EmbeddedEngine(config.policy.dir, timeout_s=config.policy.timeout_s)
+
+
+def make_sandbox(config: Config) -> Sandbox:
+    return BwrapSandbox(
+        bwrap_path=str(config.sandbox.bwrap),
+        cgroup_parent=config.sandbox.cgroup_parent,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_gateway(config: Config, parts: Components | None = None) -> AsyncIterator[Gateway]:
+    """Build every component, run start-up checks, and close them in reverse."""
+    parts = parts or Components()
+    metrics = Metrics()
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    audit = parts.audit or AuditLog(
+        config.audit_path,
+        redact=config.audit.redact,
+        also_journald=config.audit.journald,
+        on_latency=metrics.audit_write_seconds.observe,
+    )
+    store = SqliteTaskStore(config.state_dir / "tasks.db")
+    policy = parts.policy or make_policy(config)
+    sandbox = parts.sandbox or make_sandbox(config)
+    workspaces = Workspaces(
+        config.state_dir / "workspaces",
+        max_read_bytes=config.files.max_read_bytes,
+        max_write_bytes=config.files.max_write_bytes,
+        max_list_entries=config.files.max_list_entries,
+    )
+    tasks = TaskManager(
+        sandbox,
+        store,
+        audit,
+        max_concurrent=config.tasks.max_concurrent,
+        max_queue=config.tasks.max_queue,
+        retention_s=config.tasks.retention_s,
+        metrics=metrics,
+    )
+    try:
+        # Fail closed: a gateway whose sandbox does not work must not serve.
+        details = await sandbox.self_test()
+        log.info("sandbox self-test passed", **{k: str(v) for k, v in details.items()})
+        await policy.check()
+        await audit.write("gateway.started", {"policy_engine": policy.name})
+        await tasks.start()
+        yield Gateway(
+            config,
+            policy=policy,
+            sandbox=sandbox,
+            audit=audit,
+            tasks=tasks,
+            workspaces=workspaces,
+            metrics=metrics,
+        )
+    finally:
+        await tasks.close(config.server.shutdown_grace_s)
+        with contextlib.suppress(Exception):
+            await audit.write("gateway.stopped", {})
+        await policy.close()
+        store.close()
+        await audit.close()
+
+
+def build_app(config: Config, parts: Components | None = None) -> web.Application:
+    """The aiohttp application: REST routes over a gateway built at start-up."""
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
+    )
+    app[AUTH] = TokenAuthenticator(config.auth.tokens)
+    app[PUBLIC] = frozenset(config.server.public_paths)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        async with open_gateway(config, parts) as gateway:
+            app[GATEWAY] = gateway
+            yield
+
+    app.cleanup_ctx.append(lifecycle)
+    add_routes(app)
+    return app

@@ -1,0 +1,225 @@
+"""``mcp-gateway``: run the server, drive a gateway, verify an audit log.
+
+Client commands read ``MCP_GATEWAY_URL`` and ``MCP_GATEWAY_TOKEN`` unless
+``--url``/``--token`` are given.  Errors print one line ``error: CODE: message``
+and exit 1 (2 for bad usage or configuration); ``exec`` exits with the
+command's own exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.errors import McpError
+
+DEFAULT_URL = "http://127.0.0.1:8081"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcp-gateway", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=__version__)
+    p.add_argument("--url", default=os.environ.get("MCP_GATEWAY_URL", DEFAULT_URL))
+    p.add_argument("--token", default=os.environ.get("MCP_GATEWAY_TOKEN"))
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, required=True)
+
+    ex = sub.add_parser("exec", help="run a command in the sandbox, print its output live")
+    ex.add_argument("--cwd")
+    ex.add_argument("--timeout", type=float)
+    ex.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    ex.add_argument("argv", nargs=argparse.REMAINDER)
+
+    task = sub.add_parser("task", help="inspect or cancel a task")
+    task.add_argument("action", choices=["status", "cancel", "output"])
+    task.add_argument("task_id")
+
+    files = sub.add_parser("files", help="workspace files")
+    files.add_argument("action", choices=["get", "put", "rm", "ls"])
+    files.add_argument("path", nargs="?", default="")
+    files.add_argument("source", nargs="?", help="put: local file to upload (default stdin)")
+    files.add_argument("--recursive", action="store_true")
+    files.add_argument("--mode", default="644")
+    files.add_argument("--create-dirs", action="store_true")
+
+    audit = sub.add_parser("audit", help="audit log tools")
+    audit.add_argument("action", choices=["verify"])
+    audit.add_argument("file", type=Path)
+
+    token = sub.add_parser("token", help="token helpers")
+    token.add_argument("action", choices=["hash"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        handler = _HANDLERS[args.cmd]
+        return handler(args)
+    except McpError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway import config as config_mod
+    from gateway import logs
+    from gateway.server import serve
+
+    try:
+        config = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.logging.level, config.logging.format)
+    return asyncio.run(serve(config))
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from gateway.client import AsyncClient
+
+    return AsyncClient(args.url, args.token)
+
+
+def _exec(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("error: exec needs a command: mcp-gateway exec -- CMD [ARGS...]", file=sys.stderr)
+        return 2
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"error: --env {item!r} is not KEY=VALUE", file=sys.stderr)
+            return 2
+        env[key] = value
+
+    async def run() -> int:
+        async with _client(args) as client:
+            task = await client.execute(
+                argv[0], argv[1:], cwd=args.cwd, env=env, timeout=args.timeout
+            )
+            task_id = task["task_id"]
+            loop = asyncio.get_running_loop()
+
+            def on_signal() -> None:
+                asyncio.ensure_future(client.cancel(task_id))
+
+            loop.add_signal_handler(signal.SIGINT, on_signal)
+            end: dict[str, Any] = {}
+            async for line in client.stream_output(task_id):
+                if line.get("event") == "end":
+                    end = line
+                    continue
+                _emit(line)
+            return _exit_code(end)
+
+    return asyncio.run(run())
+
+
+def _emit(line: dict[str, Any]) -> None:
+    out = sys.stdout.buffer if line["stream"] == "stdout" else sys.stderr.buffer
+    if "data" in line:
+        out.write(line["data"].encode())
+    else:
+        out.write(base64.b64decode(line["data_base64"]))
+    out.flush()
+
+
+def _exit_code(end: dict[str, Any]) -> int:
+    state = end.get("state")
+    if state == "COMPLETED" and isinstance(end.get("exit_code"), int):
+        code: int = end["exit_code"]
+        return code
+    print(f"mcp-gateway: task {state}: {end.get('reason', '')}", file=sys.stderr)
+    return 124 if state == "TIMED_OUT" else 125
+
+
+def _task(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            if args.action == "status":
+                print(json.dumps(await client.status(args.task_id), indent=2))
+            elif args.action == "cancel":
+                print(json.dumps(await client.cancel(args.task_id), indent=2))
+            else:
+                async for line in client.stream_output(args.task_id):
+                    if line.get("event") != "end":
+                        _emit(line)
+            return 0
+
+    return asyncio.run(run())
+
+
+def _files(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            if args.action == "get":
+                sys.stdout.buffer.write(await client.read_file(args.path))
+            elif args.action == "put":
+                data = (
+                    Path(args.source).read_bytes() if args.source else sys.stdin.buffer.read()
+                )
+                await client.write_file(
+                    args.path, data, mode=int(args.mode, 8), create_dirs=args.create_dirs
+                )
+            elif args.action == "rm":
+                await client.delete_file(args.path, recursive=args.recursive)
+            else:
+                for entry in await client.list_files(args.path):
+                    kind = "d" if entry["type"] == "dir" else "-"
+                    print(f"{kind}{entry['mode']:>4} {entry['size']:>10} {entry['name']}")
+            return 0
+
+    return asyncio.run(run())
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from gateway.audit import verify_file
+
+    result = verify_file(args.file)
+    if result.ok:
+        print(f"ok: {result.records} records, chain intact")
+        return 0
+    print(f"BROKEN at line {result.first_bad_line}: {result.reason}", file=sys.stderr)
+    return 1
+
+
+def _token(args: argparse.Namespace) -> int:
+    from gateway.config import hash_token
+
+    token = sys.stdin.readline().strip()
+    if not token:
+        print("error: give the token on standard input", file=sys.stderr)
+        return 2
+    print(hash_token(token))
+    return 0
+
+
+_HANDLERS = {
+    "serve": _serve,
+    "exec": _exec,
+    "task": _task,
+    "files": _files,
+    "audit": _audit,
+    "token": _token,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Gateway configuration: one YAML file plus ``MCP_GATEWAY__SECTION__KEY`` overrides.
+
+The file is validated by pydantic; any unknown or invalid key stops start-up
+with a :class:`ConfigError` naming the dotted key (``tasks.max_queue``), never
+with a traceback.  Environment overrides use a double underscore between
+levels and are parsed as YAML scalars, so ``MCP_GATEWAY__SERVER__PORT=9000``
+and ``MCP_GATEWAY__LOGGING__FORMAT=json`` do what they say.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "MCP_GATEWAY__"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8081
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    public_paths: tuple[str, ...] = ("/health", "/metrics")
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
+
+
+class TokenConfig(_Section):
+    """An API token, stored as the hex SHA-256 of the token text."""
+
+    subject: Annotated[str, Field(pattern=r"^[A-Za-z0-9._@-]{1,128}$")]
+    roles: tuple[str, ...] = ()
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class AuthConfig(_Section):
+    tokens: tuple[TokenConfig, ...] = ()
+
+
+class PolicyConfig(_Section):
+    engine: Literal["embedded", "opa"] = "embedded"
+    dir: Path = Path("policies")
+    timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0
+
+
+class LimitsConfig(_Section):
+    """Defaults and hard caps for every sandboxed run; policy may lower them."""
+
+    timeout_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    max_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 3600.0
+    memory_bytes: Annotated[int, Field(ge=16 * 1024 * 1024)] = 512 * 1024 * 1024
+    pids: Annotated[int, Field(ge=4)] = 128
+    cpu_seconds: Annotated[int, Field(ge=1)] = 60
+    cpu_quota: Annotated[float, Field(gt=0, le=64)] = 1.0
+    nofile: Annotated[int, Field(ge=16)] = 256
+    fsize_bytes: Annotated[int, Field(ge=1024)] = 256 * 1024 * 1024
+    tmp_size_bytes: Annotated[int, Field(ge=1024 * 1024)] = 64 * 1024 * 1024
+    output_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+
+
+class SandboxConfig(_Section):
+    bwrap: Path = Path("/usr/bin/bwrap")
+    cgroup_parent: str = "mcp-gateway"
+    limits: LimitsConfig = LimitsConfig()
+    env_allowlist: tuple[str, ...] = ("TERM", "TZ", "LANG", "LC_ALL")
+
+
+class TasksConfig(_Section):
+    max_concurrent: Annotated[int, Field(ge=1, le=1024)] = 16
+    max_queue: Annotated[int, Field(ge=0, le=100000)] = 256
+    retention_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
+    max_args: Annotated[int, Field(ge=1)] = 1024
+    max_arg_bytes: Annotated[int, Field(ge=1)] = 128 * 1024
+    max_stdin_bytes: Annotated[int, Field(ge=0)] = 1024 * 1024
+
+
+class FilesConfig(_Section):
+    max_read_bytes: Annotated[int, Field(ge=1)] = 16 * 1024 * 1024
+    max_write_bytes: Annotated[int, Field(ge=1)] = 16 * 1024 * 1024
+    max_list_entries: Annotated[int, Field(ge=1)] = 10000
+
+
+class AuditConfig(_Section):
+    path: Path | None = None  # default: <state_dir>/audit.log
+    redact: tuple[str, ...] = ()
+    journald: bool = False
+
+    @field_validator("redact")
+    @classmethod
+    def _patterns_compile(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from exc
+        return value
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+
+class Config(_Section):
+    state_dir: Path = Path("/var/lib/mcp-gateway")
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    policy: PolicyConfig = PolicyConfig()
+    sandbox: SandboxConfig = SandboxConfig()
+    tasks: TasksConfig = TasksConfig()
+    files: FilesConfig = FilesConfig()
+    audit: AuditConfig = AuditConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit.path or self.state_dir / "audit.log"
+
+
+def hash_token(token: str) -> str:
+    """The form tokens are stored in: hex SHA-256 of the UTF-8 text."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key}: {msg}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Return ``data`` with every ``MCP_GATEWAY__A__B=v`` override applied (pure)."""
+    merged: dict[str, Any] = dict(data)
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        if not all(keys):
+            raise ConfigError(f"invalid override {name}: empty key component")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid override {name}: not a YAML scalar") from exc
+        node = merged
+        for key in keys[:-1]:
+            child = node.get(key)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[key] = child
+            node = child
+        node[keys[-1]] = value
+    return merged
+
+
+def parse(data: object, env: Mapping[str, str] | None = None, base: Path | None = None) -> Config:
+    """Validate a loaded YAML document (plus overrides) into a :class:`Config`.
+
+    Relative paths are resolved against ``base`` (the config file's directory).
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("invalid configuration: the top level must be a mapping")
+    data = apply_env(data, env or {})
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+    if config.sandbox.limits.timeout_s > config.sandbox.limits.max_timeout_s:
+        raise ConfigError("sandbox.limits.timeout_s: must not exceed sandbox.limits.max_timeout_s")
+    if base is not None:
+        config = _resolve(config, base)
+    return config
+
+
+def _resolve(config: Config, base: Path) -> Config:
+    def rel(path: Path) -> Path:
+        return path if path.is_absolute() else (base / path).resolve()
+
+    audit = config.audit
+    if audit.path is not None:
+        audit = audit.model_copy(update={"path": rel(audit.path)})
+    return config.model_copy(
+        update={
+            "state_dir": rel(config.state_dir),
+            "policy": config.policy.model_copy(update={"dir": rel(config.policy.dir)}),
+            "audit": audit,
+        }
+    )
+
+
+def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override and validate the YAML file at ``path``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration {path} is not valid YAML: {exc}") from exc
+    return parse(data, os.environ if env is None else env, base=path.parent)

@@ -1,0 +1,47 @@
+"""Running the gateway: listeners, signals and ordered shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+from aiohttp import web
+
+from gateway.app import Components, build_app
+from gateway.config import Config
+
+log = structlog.get_logger("gateway.server")
+
+
+async def serve(config: Config, parts: Components | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; return the process exit code.
+
+    Shutdown order: stop accepting, give running tasks the grace period
+    (the app's cleanup does that), then close the audit log last.
+    """
+    app = build_app(config, parts)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    try:
+        await runner.setup()
+    except Exception as exc:  # start-up checks failed: refuse to serve
+        log.error("gateway failed to start", error=str(exc))
+        return 1
+    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen", host=config.server.host, port=config.server.port,
+                  error=exc.strerror)
+        await runner.cleanup()
+        return 1
+    log.info("gateway listening", host=config.server.host, port=config.server.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await runner.shutdown()
+    await runner.cleanup()
+    return 0

@@ -1,0 +1,307 @@
+"""The service layer every adapter (REST, gRPC, MCP, CLI) calls.
+
+Order for every request: validate (done by the adapter via :mod:`gateway.schema`)
+-> build the policy input -> decide -> audit the decision (fsync) -> act.
+A deny, an engine error or an audit failure stops the request before anything
+runs or any file is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import structlog
+
+from gateway.audit import AuditSink
+from gateway.config import Config, LimitsConfig
+from gateway.errors import McpError, PermissionDenied, Unavailable
+from gateway.metrics import Metrics
+from gateway.models import CommandSpec, Decision, Limits, SandboxRequest, Subject, Transport
+from gateway.policy import PolicyEngine, build_policy_input
+from gateway.sandbox import Sandbox
+from gateway.store import TaskRecord
+from gateway.tasks import OutputChunk, TaskManager
+from gateway.workspace import FileEntry, Workspaces
+
+log = structlog.get_logger("gateway.service")
+
+READY_CACHE_S = 2.0
+MIN_FREE_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Where a request came from; goes into the policy input and audit."""
+
+    transport: Transport
+    source: str = ""
+    request_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def grant_limits(defaults: LimitsConfig, spec: CommandSpec, granted: Mapping[str, Any]) -> Limits:
+    """Combine config defaults, the request and the policy grant (pure).
+
+    Policy limits can only lower the configured caps; network is on only
+    when the request asked for it *and* the policy granted it.
+    """
+
+    def cap(name: str, default: float) -> float:
+        value = granted.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return min(float(value), default)
+        return default
+
+    return Limits(
+        timeout_s=cap("timeout_s", min(spec.timeout_s, defaults.max_timeout_s)),
+        memory_bytes=int(cap("memory_bytes", defaults.memory_bytes)),
+        pids=int(cap("pids", defaults.pids)),
+        cpu_seconds=int(cap("cpu_seconds", defaults.cpu_seconds)),
+        cpu_quota=cap("cpu_quota", defaults.cpu_quota),
+        nofile=int(cap("nofile", defaults.nofile)),
+        fsize_bytes=int(cap("fsize_bytes", defaults.fsize_bytes)),
+        tmp_size_bytes=int(cap("tmp_size_bytes", defaults.tmp_size_bytes)),
+        output_bytes=int(cap("output_bytes", defaults.output_bytes)),
+        network=spec.network and granted.get("network") is True,
+    )
+
+
+class Gateway:
+    """Authenticated subjects in, decided + audited + sandboxed actions out."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        policy: PolicyEngine,
+        sandbox: Sandbox,
+        audit: AuditSink,
+        tasks: TaskManager,
+        workspaces: Workspaces,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.sandbox = sandbox
+        self.audit = audit
+        self.tasks = tasks
+        self.workspaces = workspaces
+        self.metrics = metrics
+        self._clock = clock
+        self._ready_at = -READY_CACHE_S
+        self._ready: dict[str, Any] = {}
+        self._ready_lock = asyncio.Lock()
+
+    # -- decisions -------------------------------------------------------------
+
+    async def decide(
+        self, action: str, subject: Subject, ctx: RequestContext, **details: Any
+    ) -> Decision:
+        """Decide and audit; raise PermissionDenied on deny, Unavailable if unaudited."""
+        doc = build_policy_input(
+            action,
+            subject,
+            request_id=ctx.request_id,
+            transport=ctx.transport,
+            source=ctx.source,
+            **details,
+        )
+        try:
+            decision = await self.policy.decide(doc)
+        except Exception as exc:  # any engine failure denies (fail closed)
+            log.warning("policy engine failed", error=str(exc), engine=self.policy.name)
+            self.metrics.policy_errors.labels(engine=self.policy.name).inc()
+            decision = Decision.deny(f"policy engine error: {exc}", engine=self.policy.name)
+        self.metrics.policy_decisions.labels(
+            action=action, result="allow" if decision.allow else "deny"
+        ).inc()
+        record = {
+            "action": action,
+            "subject": subject.id,
+            "roles": list(subject.roles),
+            "auth": subject.auth,
+            "request_id": ctx.request_id,
+            "transport": ctx.transport,
+            "source": ctx.source,
+            "allow": decision.allow,
+            "deny_reasons": list(decision.deny_reasons),
+            "warnings": list(decision.warnings),
+            "engine": decision.engine,
+            "decision_id": decision.decision_id,
+            "policy_revision": decision.revision,
+            "input": {k: v for k, v in doc.items() if k in ("command", "file", "task", "sandbox")},
+        }
+        await self._audit_or_unavailable("policy.decision", record)
+        if not decision.allow:
+            raise PermissionDenied(
+                "denied by policy: " + "; ".join(decision.deny_reasons or ("no reason given",)),
+                reasons=list(decision.deny_reasons),
+            )
+        return decision
+
+    async def _audit_or_unavailable(self, event: str, fields: Mapping[str, Any]) -> None:
+        started = time.perf_counter()
+        try:
+            await self.audit.write(event, fields)
+        except Exception as exc:
+            self.metrics.audit_failures.inc()
+            log.error("audit write failed", error=str(exc), audit_event=event)
+            raise Unavailable("the audit log cannot be written; nothing was done") from exc
+        self.metrics.audit_write_seconds.observe(time.perf_counter() - started)
+
+    async def reject(self, subject: Subject | None, ctx: RequestContext, error: McpError) -> None:
+        """Audit a request refused before any decision (bad input, auth, capacity)."""
+        await self._audit_or_unavailable(
+            "request.rejected",
+            {
+                "subject": subject.id if subject else None,
+                "request_id": ctx.request_id,
+                "transport": ctx.transport,
+                "source": ctx.source,
+                "code": str(error.code),
+                "field": error.field,
+                "message": error.message,
+            },
+        )
+
+    # -- commands and tasks ----------------------------------------------------------
+
+    async def execute(self, subject: Subject, spec: CommandSpec, ctx: RequestContext) -> TaskRecord:
+        """Decide, audit, queue.  Returns the QUEUED task record."""
+        self.tasks.check_capacity()
+        decision = await self.decide("command.execute", subject, ctx, command=spec)
+        limits = grant_limits(self.config.sandbox.limits, spec, decision.limits)
+        workspace = await asyncio.to_thread(self.workspaces.path_for, subject.id)
+        task_id = uuid.uuid4().hex
+        request = SandboxRequest(
+            task_id=task_id,
+            argv=tuple(spec.argv),
+            workspace=str(workspace),
+            cwd=spec.cwd,
+            env=spec.env,
+            stdin=spec.stdin,
+            limits=limits,
+        )
+        record = TaskRecord(
+            id=task_id,
+            owner=subject.id,
+            argv=tuple(spec.argv),
+            cwd=spec.cwd,
+            request_id=ctx.request_id,
+            transport=ctx.transport,
+            timeout_s=limits.timeout_s,
+        )
+        return await self.tasks.submit(record, request)
+
+    async def task(self, subject: Subject, task_id: str, ctx: RequestContext) -> TaskRecord:
+        record = self.tasks.get(task_id)
+        await self.decide("task.read", subject, ctx, task_id=task_id, task_owner=record.owner)
+        return record
+
+    async def wait(
+        self, subject: Subject, task_id: str, ctx: RequestContext, timeout: float | None = None
+    ) -> TaskRecord:
+        await self.task(subject, task_id, ctx)
+        return await self.tasks.wait(task_id, timeout)
+
+    async def output(
+        self, subject: Subject, task_id: str, ctx: RequestContext
+    ) -> AsyncIterator[OutputChunk]:
+        """Authorize now; the returned iterator follows the output live."""
+        await self.task(subject, task_id, ctx)
+        return self.tasks.stream(task_id)
+
+    async def cancel(self, subject: Subject, task_id: str, ctx: RequestContext) -> TaskRecord:
+        record = self.tasks.get(task_id)
+        await self.decide("task.cancel", subject, ctx, task_id=task_id, task_owner=record.owner)
+        return await self.tasks.cancel(task_id, reason=f"cancelled by {subject.id}")
+
+    # -- files -----------------------------------------------------------------------
+
+    async def read_file(
+        self, subject: Subject, path: str, ctx: RequestContext, *, offset: int = 0,
+        length: int | None = None,
+    ) -> bytes:
+        await self.decide("file.read", subject, ctx, file_path=path)
+        return await asyncio.to_thread(
+            self.workspaces.read, subject.id, path, offset=offset, length=length
+        )
+
+    async def stat_file(self, subject: Subject, path: str, ctx: RequestContext) -> FileEntry:
+        await self.decide("file.read", subject, ctx, file_path=path)
+        return await asyncio.to_thread(self.workspaces.stat, subject.id, path)
+
+    async def list_files(self, subject: Subject, path: str, ctx: RequestContext) -> list[FileEntry]:
+        await self.decide("file.list", subject, ctx, file_path=path)
+        return await asyncio.to_thread(self.workspaces.list, subject.id, path)
+
+    async def write_file(
+        self,
+        subject: Subject,
+        path: str,
+        data: bytes,
+        ctx: RequestContext,
+        *,
+        mode: int = 0o644,
+        create_dirs: bool = False,
+    ) -> int:
+        await self.decide("file.write", subject, ctx, file_path=path, file_mode=mode)
+        written = await asyncio.to_thread(
+            self.workspaces.write, subject.id, path, data, mode=mode, create_dirs=create_dirs
+        )
+        await self._audit_or_unavailable(
+            "file.written",
+            {"subject": subject.id, "request_id": ctx.request_id, "path": path, "bytes": written},
+        )
+        return written
+
+    async def delete_file(
+        self, subject: Subject, path: str, ctx: RequestContext, *, recursive: bool = False
+    ) -> None:
+        await self.decide("file.delete", subject, ctx, file_path=path, recursive=recursive)
+        await asyncio.to_thread(self.workspaces.delete, subject.id, path, recursive=recursive)
+        await self._audit_or_unavailable(
+            "file.deleted",
+            {"subject": subject.id, "request_id": ctx.request_id, "path": path,
+             "recursive": recursive},
+        )
+
+    # -- readiness -----------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, Any]:
+        """Check sandbox, policy engine and disk; cached briefly (keepalived polls)."""
+        async with self._ready_lock:
+            if self._clock() - self._ready_at < READY_CACHE_S:
+                return self._ready
+            checks: dict[str, Any] = {}
+            ok = True
+            for name, probe in (
+                ("sandbox", self.sandbox.self_test),
+                ("policy", self.policy.check),
+                ("disk", self._disk_check),
+            ):
+                try:
+                    checks[name] = {"ok": True, **(await probe())}
+                except Exception as exc:
+                    ok = False
+                    checks[name] = {"ok": False, "error": str(exc)}
+            checks["tasks"] = {"running": self.tasks.running, "queued": self.tasks.queued}
+            self._ready = {"ready": ok, "checks": checks}
+            self._ready_at = self._clock()
+            return self._ready
+
+    async def _disk_check(self) -> dict[str, Any]:
+        state = self.config.state_dir
+        usage = await asyncio.to_thread(shutil.disk_usage, state)
+        if usage.free < MIN_FREE_BYTES:
+            raise Unavailable(f"only {usage.free} bytes free under the state directory")
+        if not os.access(self.config.audit_path, os.W_OK):
+            raise Unavailable("the audit log is not writable")
+        return {"free_bytes": usage.free}
