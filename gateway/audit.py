@@ -1,0 +1,677 @@
+"""Tamper-evident audit log: hash-chained, fsynced JSON lines.
+
+Record format
+-------------
+One JSON object per line (UTF-8, in fact pure ASCII: ``ensure_ascii``),
+rendered by structlog's :class:`~structlog.processors.JSONRenderer` with
+compact separators, keys in this order::
+
+    {"seq":7,"ts":"2024-05-01T12:00:00.123456Z","event":"file.written",
+     ...caller's fields...,"prev":"<64 hex>"}
+
+* ``seq`` counts records from 1 in each file and continues across restarts.
+* ``ts`` is RFC 3339 UTC with microseconds, from the injected clock.
+* ``prev`` is the hex SHA-256 of the previous record's line, exact bytes
+  without the newline.  The first record's ``prev`` is :data:`GENESIS`, the
+  SHA-256 of the empty string.  The hash of a record (what
+  :meth:`AuditLog.write` returns) is the SHA-256 of its own line, so each
+  record commits to the whole history before it.  Nothing is added to a line
+  after it is hashed.
+
+Keep a record hash somewhere else (the journald copy, a ticket, another
+host) and :func:`verify_lines` with ``expected_head`` also detects records
+cut off the end; without such an anchor, a hash chain cannot tell a cleanly
+truncated log, or one rewritten from some point on, from an honest one.
+
+Torn writes
+-----------
+A crash can leave the last line incomplete (no newline).  The writer never
+truncates the log: on open it keeps the torn bytes, terminates them with a
+newline, and appends an ``audit.recovered`` record whose ``prev`` links to
+the last *complete record* and whose ``torn`` field lists ``{"bytes": n,
+"sha256": h}`` for each unparseable line in between (more than one only if
+the recovery itself was torn by a second crash).  :func:`verify_lines`
+accepts exactly that: lines that are not JSON objects only when immediately
+followed by a matching ``audit.recovered`` record; a recovery record without
+torn lines is itself an error.  A torn fragment can never parse as a JSON
+object (its closing brace is the line's last byte), so a line that *does*
+parse is always checked as a full record.  A complete record that merely
+lost its newline is valid as it is; the writer just adds the newline.
+
+Redaction
+---------
+Values under keys that look like credentials (``token``, ``password``,
+``secret``, ``authorization``, ...; any depth, case-insensitive, substring)
+become ``[REDACTED]`` entirely; every string in the caller's fields (nested
+in lists and mappings too) has each match of the configured patterns
+replaced by ``[REDACTED]``.  ``seq``/``ts``/``event``/``prev`` are ours and
+never redacted; callers may not use those names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from structlog.processors import JSONRenderer
+from structlog.typing import EventDict, WrappedLogger
+
+from gateway.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    McpError,
+    ResourceExhausted,
+    Unavailable,
+)
+
+__all__ = [
+    "GENESIS",
+    "JOURNALD_SOCKET",
+    "RECOVERED_EVENT",
+    "REDACTED",
+    "RESERVED_FIELDS",
+    "AuditLog",
+    "AuditSink",
+    "RecordFormatter",
+    "TailPlan",
+    "VerifyResult",
+    "check_fields",
+    "format_ts",
+    "journald_datagram",
+    "plan_tail",
+    "record_hash",
+    "verify_file",
+    "verify_lines",
+]
+
+#: ``prev`` of the first record: SHA-256 of the empty string.
+GENESIS = hashlib.sha256(b"").hexdigest()
+RECOVERED_EVENT = "audit.recovered"
+REDACTED = "[REDACTED]"
+RESERVED_FIELDS = frozenset({"seq", "ts", "event", "prev"})
+JOURNALD_SOCKET = Path("/run/systemd/journal/socket")
+SYSLOG_IDENTIFIER = "mcp-gateway-audit"
+
+_SECRET_KEY = re.compile(
+    r"token|passw(?:or)?d|secret|authorization|api[_-]?key|cookie|credential|private[_-]?key",
+    re.IGNORECASE,
+)
+_TS_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TAIL_WINDOW = 64 * 1024
+
+
+# --------------------------------------------------------------------------
+# Pure: hashing, rendering, redaction
+# --------------------------------------------------------------------------
+
+
+def record_hash(line: bytes) -> str:
+    """Hex SHA-256 of one record line (without its newline)."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def format_ts(seconds: float) -> str:
+    """RFC 3339 UTC with microseconds: ``2024-05-01T12:00:00.123456Z``."""
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class _Redactor:
+    """structlog processor: redacts the caller's fields (never the reserved ones)."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        compiled: list[re.Pattern[str]] = []
+        for pattern in patterns:
+            try:
+                compiled.append(re.compile(pattern))
+            except re.error as exc:
+                raise InvalidArgument(
+                    f"invalid redaction pattern {pattern!r}: {exc}", field="redact"
+                ) from exc
+        self._patterns = tuple(compiled)
+
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+        return {
+            key: value if key in RESERVED_FIELDS else self._field(key, value)
+            for key, value in event_dict.items()
+        }
+
+    def _field(self, key: str, value: object) -> object:
+        if _SECRET_KEY.search(key) is not None:
+            return REDACTED
+        return self._value(value)
+
+    def _value(self, value: object) -> object:
+        if isinstance(value, str):
+            for pattern in self._patterns:
+                value = pattern.sub(REDACTED, value)
+            return value
+        if isinstance(value, Mapping):
+            return {str(k): self._field(str(k), v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._value(v) for v in value]
+        return value
+
+
+def _jsonable(value: object) -> object:
+    """Plain JSON types only, deterministically (sets sorted, NaN as text)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((_jsonable(v) for v in value), key=repr)
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+class RecordFormatter:
+    """Renders one record line; pure apart from reading the injected clock.
+
+    The processors are structlog's protocol (``logger, method, event_dict``):
+    a timestamper using ``clock``, the redactor, then ``JSONRenderer``.
+    """
+
+    def __init__(
+        self, *, redact: Sequence[str] = (), clock: Callable[[], float] = time.time
+    ) -> None:
+        self._clock = clock
+        self._redactor = _Redactor(redact)
+        self._renderer = JSONRenderer(
+            separators=(",", ":"), ensure_ascii=True, allow_nan=False, sort_keys=False
+        )
+
+    def _stamp(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+        seq = event_dict.pop("seq")
+        return {"seq": seq, "ts": format_ts(self._clock()), **event_dict}
+
+    def render(
+        self,
+        seq: int,
+        event: str,
+        fields: Mapping[str, object],
+        prev: str,
+        *,
+        redact: bool = True,
+    ) -> bytes:
+        """The record's line (no newline).  Raises InvalidArgument for reserved keys."""
+        check_fields(event, fields)
+        event_dict: EventDict = {"seq": seq, "event": event}
+        event_dict.update({key: _jsonable(value) for key, value in fields.items()})
+        event_dict["prev"] = prev
+        event_dict = self._stamp(None, "audit", event_dict)
+        if redact:
+            event_dict = self._redactor(None, "audit", event_dict)
+        rendered = self._renderer(None, "audit", event_dict)
+        return rendered.encode("ascii") if isinstance(rendered, str) else rendered
+
+
+def check_fields(event: str, fields: Mapping[str, object]) -> None:
+    """Caller input rules: a non-empty event name, str keys, no reserved key."""
+    if not isinstance(event, str) or not event:
+        raise InvalidArgument("audit event must be a non-empty string", field="event")
+    for key in fields:
+        if not isinstance(key, str):
+            raise InvalidArgument("audit field names must be strings", field=str(key))
+        if key in RESERVED_FIELDS:
+            raise InvalidArgument(f"audit field name {key!r} is reserved", field=key)
+
+
+def journald_datagram(message: bytes, *, seq: int, digest: str) -> bytes:
+    """One journald native-protocol datagram (systemd: "Native Journal Protocol").
+
+    ``KEY=value\\n`` per field; a value containing a newline is sent as
+    ``KEY\\n`` + little-endian u64 length + value + ``\\n``.
+    """
+    fields = (
+        (b"MESSAGE", message),
+        (b"SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER.encode()),
+        (b"PRIORITY", b"6"),
+        (b"MCP_AUDIT_SEQ", str(seq).encode()),
+        (b"MCP_AUDIT_HASH", digest.encode()),
+    )
+    out = bytearray()
+    for key, value in fields:
+        if b"\n" in value:
+            out += key + b"\n" + struct.pack("<Q", len(value)) + value + b"\n"
+        else:
+            out += key + b"=" + value + b"\n"
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------
+# Pure: parsing, tail planning, verification
+# --------------------------------------------------------------------------
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _parse_object(line: bytes) -> dict[str, Any] | None:
+    """The line as a JSON object, or None if it is not one (torn or garbage)."""
+    try:
+        obj = json.loads(line, object_pairs_hook=_reject_duplicates)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _record_problem(obj: Mapping[str, Any], expected_seq: int, prev: str) -> str | None:
+    """Why ``obj`` is not the record that must come next, or None if it is."""
+    seq = obj.get("seq")
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        return "missing or non-integer seq"
+    ts = obj.get("ts")
+    if not isinstance(ts, str) or _TS_RE.fullmatch(ts) is None:
+        return "missing or malformed ts"
+    event = obj.get("event")
+    if not isinstance(event, str) or not event:
+        return "missing event"
+    link = obj.get("prev")
+    if not isinstance(link, str) or _HEX64.fullmatch(link) is None:
+        return "missing or malformed prev"
+    if seq != expected_seq:
+        return f"seq {seq} where {expected_seq} was expected (records missing or reordered)"
+    if link != prev:
+        return "prev does not match the hash of the previous record (edited, removed or inserted)"
+    return None
+
+
+def _torn_descriptions(torn: Iterable[bytes]) -> list[dict[str, object]]:
+    return [{"bytes": len(line), "sha256": record_hash(line)} for line in torn]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TailPlan:
+    """What the writer must do on open, decided from the file's tail.
+
+    ``seq``/``head``: the last complete record's seq and line hash (0 and
+    :data:`GENESIS` if none).  ``torn``: unparseable lines after it, to be
+    described by an ``audit.recovered`` record.  ``needs_newline``: the file
+    does not end with a newline.
+    """
+
+    seq: int
+    head: str
+    torn: tuple[bytes, ...]
+    needs_newline: bool
+
+
+def plan_tail(data: bytes, *, at_start: bool) -> TailPlan | None:
+    """Decide how to continue a log whose last bytes are ``data``.
+
+    ``at_start`` says ``data`` begins at offset 0; otherwise its first line
+    may be partial and is not trusted, and None means "give me more bytes"
+    (no complete record found yet).  Raises Internal when the last line that
+    parses as JSON is not a valid record: the log is corrupt, not torn, and
+    writing on would only hide that (fail closed; run ``verify``).
+    """
+    lines = data.split(b"\n")
+    needs_newline = data != b"" and not data.endswith(b"\n")
+    if not needs_newline:
+        lines.pop()  # the empty string after the final newline (or of b"")
+    first = 0 if at_start else 1
+    for index in range(len(lines) - 1, first - 1, -1):
+        obj = _parse_object(lines[index])
+        if obj is None:
+            continue
+        seq = obj.get("seq")
+        if (
+            isinstance(seq, bool)
+            or not isinstance(seq, int)
+            or seq < 1
+            or not isinstance(obj.get("prev"), str)
+        ):
+            raise Internal(
+                "the audit log is corrupt: its last record is not a valid audit record; "
+                "run 'mcp-gateway audit verify'"
+            )
+        return TailPlan(seq, record_hash(lines[index]), tuple(lines[index + 1 :]), needs_newline)
+    if not at_start:
+        return None
+    return TailPlan(0, GENESIS, tuple(lines), needs_newline)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """Outcome of :func:`verify_lines`.
+
+    ``records``: valid records seen (up to the first problem).
+    ``first_bad_line``: 1-based line number of the first problem, None if ok
+    (or if the file could not be read at all).  ``head``/``last_seq``: hash
+    and seq of the last valid record.
+    """
+
+    ok: bool
+    records: int
+    first_bad_line: int | None = None
+    reason: str | None = None
+    head: str = GENESIS
+    last_seq: int = 0
+
+
+def verify_lines(lines: Iterable[bytes], *, expected_head: str | None = None) -> VerifyResult:
+    """Check a whole log, given as its lines (one trailing ``\\n`` each is ignored).
+
+    Detects edited, deleted, reordered and inserted records, seq gaps,
+    malformed lines and unrecovered torn writes; accepts the documented
+    ``audit.recovered`` records (see the module docstring) and nothing else.
+    With ``expected_head`` (a record hash kept elsewhere) the log must also
+    end with that record, which catches records cut off the end.  Pure.
+    """
+    records = 0
+    expected_seq = 1
+    prev = GENESIS
+    pending: list[tuple[int, bytes]] = []
+    lineno = 0
+
+    def bad(line: int | None, reason: str) -> VerifyResult:
+        return VerifyResult(False, records, line, reason, prev, expected_seq - 1)
+
+    for lineno, raw in enumerate(lines, start=1):
+        line = raw[:-1] if raw.endswith(b"\n") else raw
+        obj = _parse_object(line)
+        if obj is None:
+            pending.append((lineno, line))
+            continue
+        recovery = obj.get("event") == RECOVERED_EVENT
+        if pending and not recovery:
+            return bad(
+                pending[0][0],
+                "line is not a JSON object (malformed, or a torn write with no recovery record)",
+            )
+        problem = _record_problem(obj, expected_seq, prev)
+        if problem is not None:
+            return bad(lineno, problem)
+        if recovery:
+            if not pending:
+                return bad(lineno, "audit.recovered record without torn lines before it")
+            if obj.get("torn") != _torn_descriptions(line for _, line in pending):
+                return bad(lineno, "audit.recovered record does not match the torn lines")
+            pending.clear()
+        records += 1
+        expected_seq += 1
+        prev = record_hash(line)
+    if pending:
+        return bad(
+            pending[0][0], "torn or malformed line at the end of the log (not yet recovered)"
+        )
+    if expected_head is not None and prev != expected_head:
+        return bad(lineno + 1, "the log does not end with the expected record (truncated?)")
+    return VerifyResult(True, records, None, None, prev, expected_seq - 1)
+
+
+def verify_file(path: Path, *, expected_head: str | None = None) -> VerifyResult:
+    """:func:`verify_lines` over a file, streamed (blocking I/O).
+
+    A file that cannot be read gives ``ok=False`` with ``first_bad_line``
+    None and the reason.
+    """
+    try:
+        with open(path, "rb") as handle:
+            return verify_lines(handle, expected_head=expected_head)
+    except OSError as exc:
+        return VerifyResult(False, 0, None, f"cannot read the audit log: {exc.strerror}")
+
+
+# --------------------------------------------------------------------------
+# The sink
+# --------------------------------------------------------------------------
+
+
+class AuditSink(Protocol):
+    """Where audit records go."""
+
+    async def write(self, event: str, fields: Mapping[str, object]) -> str:
+        """Durably record ``event`` with ``fields``; return the record's hash."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release; later writes fail."""
+        ...
+
+
+@dataclasses.dataclass(slots=True)
+class _Open:
+    """The open file and the chain head (owned by the thread lock)."""
+
+    fd: int
+    seq: int
+    head: str
+    journal: socket.socket | None
+
+
+class AuditLog(AuditSink):
+    """The hash-chained JSON-lines log at ``path`` (see the module docstring).
+
+    The file is opened lazily by the first :meth:`write` (mode 0o600,
+    ``O_APPEND``) and locked with ``flock(LOCK_EX)`` so a second writer,
+    which would fork the chain, fails with Unavailable instead.  Each write
+    renders the record, ``os.write``-s the full line, ``fsync``-s it and only
+    then returns its hash; the blocking part runs in a worker thread.
+    Writes are serialized by an :class:`asyncio.Lock` (one worker thread at a
+    time) and, inside the thread, by a :class:`threading.Lock` that also
+    covers the chain state, so a cancelled caller cannot let the next record
+    be rendered before the previous one is on disk.
+
+    ``on_latency(seconds)`` receives the write+fsync time of each record; it
+    must not raise (if it does, the exception is ignored: the record is
+    already durable).  With ``also_journald`` and an existing
+    ``journald_socket`` each record is also sent, non-blocking and
+    best-effort, as a journald native datagram; failures are only counted
+    (:attr:`journald_failures`).  If a write fails the file is reopened (and
+    any torn tail recovered) before the next record.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        redact: Sequence[str] = (),
+        clock: Callable[[], float] = time.time,
+        also_journald: bool = False,
+        on_latency: Callable[[float], object] | None = None,
+        journald_socket: Path = JOURNALD_SOCKET,
+    ) -> None:
+        self._path = Path(path)
+        self._formatter = RecordFormatter(redact=redact, clock=clock)
+        self._also_journald = also_journald
+        self._journald_socket = journald_socket
+        self._on_latency = on_latency
+        self._lock = asyncio.Lock()
+        self._thread_lock = threading.Lock()
+        self._state: _Open | None = None
+        self._closed = False
+        self.journald_failures = 0
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def write(self, event: str, fields: Mapping[str, object]) -> str:
+        """Append one record durably and return its hash (hex SHA-256 of the line).
+
+        Raises InvalidArgument for a bad event name or a reserved field name,
+        FailedPrecondition after :meth:`close`, Unavailable if another writer
+        holds the file, ResourceExhausted when the disk is full, Internal for
+        other I/O failures or a corrupt log.
+        """
+        check_fields(event, fields)
+        async with self._lock:
+            digest, elapsed = await asyncio.to_thread(self._write_blocking, event, fields)
+        if self._on_latency is not None:
+            with contextlib.suppress(Exception):
+                self._on_latency(elapsed)
+        return digest
+
+    async def close(self) -> None:
+        """Close the file (releasing the lock); idempotent."""
+        async with self._lock:
+            await asyncio.to_thread(self._close_blocking)
+
+    # -- blocking part (worker thread) -----------------------------------------
+
+    def _write_blocking(self, event: str, fields: Mapping[str, object]) -> tuple[str, float]:
+        with self._thread_lock:
+            if self._closed:
+                raise FailedPrecondition("the audit log is closed")
+            state = self._state if self._state is not None else self._open()
+            self._state = state
+            line = self._formatter.render(state.seq + 1, event, fields, state.head)
+            started = time.perf_counter()
+            try:
+                _append(state.fd, line + b"\n")
+            except McpError:
+                # Part of the line may have reached the file: reopen (and
+                # recover the torn tail) before the next record.
+                self._state = None
+                _close_quietly(state)
+                raise
+            elapsed = time.perf_counter() - started
+            state.seq += 1
+            state.head = record_hash(line)
+            self._send_journald(state, line)
+            return state.head, elapsed
+
+    def _open(self) -> _Open:
+        try:
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _io_error(exc, "open") from exc
+        state = _Open(fd, 0, GENESIS, None)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Unavailable("the audit log is in use by another writer") from None
+            plan = self._read_tail()
+            state.seq, state.head = plan.seq, plan.head
+            if plan.torn:
+                line = self._formatter.render(
+                    plan.seq + 1,
+                    RECOVERED_EVENT,
+                    {
+                        "torn": _torn_descriptions(plan.torn),
+                        "note": "incomplete lines found at open were kept in place",
+                    },
+                    plan.head,
+                    redact=False,
+                )
+                _append(fd, (b"\n" if plan.needs_newline else b"") + line + b"\n")
+                state.seq, state.head = plan.seq + 1, record_hash(line)
+            elif plan.needs_newline:
+                _append(fd, b"\n")
+            self._fsync_dir()
+            if self._also_journald and self._journald_socket.exists():
+                state.journal = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+                )
+        except BaseException:
+            _close_quietly(state)
+            raise
+        return state
+
+    def _read_tail(self) -> TailPlan:
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _io_error(exc, "open") from exc
+        try:
+            size = os.fstat(fd).st_size
+            window = _TAIL_WINDOW
+            while True:
+                start = max(0, size - window)
+                data = os.pread(fd, size - start, start)
+                plan = plan_tail(data, at_start=start == 0)
+                if plan is not None:
+                    return plan
+                window *= 4
+        except OSError as exc:
+            raise _io_error(exc, "read") from exc
+        finally:
+            os.close(fd)
+
+    def _fsync_dir(self) -> None:
+        """Make the file's directory entry durable too (fsync(2), NOTES)."""
+        try:
+            dfd = os.open(self._path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _io_error(exc, "open") from exc
+        try:
+            os.fsync(dfd)
+        except OSError as exc:
+            raise _io_error(exc, "write") from exc
+        finally:
+            os.close(dfd)
+
+    def _send_journald(self, state: _Open, line: bytes) -> None:
+        """Best effort: a non-blocking datagram; never raises, never waits."""
+        if state.journal is None:
+            return
+        datagram = journald_datagram(line, seq=state.seq, digest=state.head)
+        try:
+            state.journal.sendto(datagram, os.fsencode(self._journald_socket))
+        except OSError:
+            self.journald_failures += 1
+
+    def _close_blocking(self) -> None:
+        with self._thread_lock:
+            self._closed = True
+            if self._state is not None:
+                _close_quietly(self._state)
+                self._state = None
+
+
+def _append(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (O_APPEND) and fsync it before returning."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError as exc:
+        raise _io_error(exc, "write") from exc
+
+
+def _close_quietly(state: _Open) -> None:
+    with contextlib.suppress(OSError):
+        os.close(state.fd)
+    if state.journal is not None:
+        state.journal.close()
+
+
+def _io_error(exc: OSError, action: str) -> McpError:
+    """OSError -> McpError, once, without host paths in the message."""
+    name = errno.errorcode.get(exc.errno or 0, "unknown error")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"audit log {action} failed: no space left ({name})")
+    return Internal(f"audit log {action} failed ({name})")

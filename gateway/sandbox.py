@@ -1,0 +1,1073 @@
+"""Running one command in a bubblewrap sandbox, and the seam the core talks to.
+
+:class:`Sandbox` is the protocol; :class:`BwrapSandbox` the production
+implementation.  What the sandbox *looks like* is decided by
+:func:`gateway.bwrap.build_bwrap_argv` and :mod:`gateway.seccomp`; resource
+control by :mod:`gateway.cgroups`.  This module does the process plumbing.
+
+One run, step by step
+---------------------
+1. Validate the request (:func:`gateway.bwrap.validate_request`) and create
+   the task cgroup with its limits.
+2. Spawn bwrap with ``subprocess.Popen``: ``close_fds=True``, an empty
+   environment, its own session, and ``pass_fds`` = exactly the fds bwrap
+   consumes and closes before exec (seccomp program, synthetic passwd and
+   group, ``--block-fd``, ``--info-fd``).  stdin is a sealed memfd holding
+   ``req.stdin`` (or ``/dev/null``), so nothing has to be written to a pipe
+   while the command runs; stdout and stderr are pipes.
+3. bwrap sets the sandbox up, writes the host pid of its pid-1 child to the
+   info fd and blocks on the block fd *before forking the command*.  Until
+   then only two processes exist (bwrap itself and that child), so moving
+   both into the task cgroup and applying rlimits to the child with
+   ``prlimit(2)`` is race-free: everything the command ever forks inherits
+   them.  Only then is the block fd released.
+4. stdout/stderr are read in ``chunk_bytes`` pieces with ``add_reader``;
+   each stream delivers at most ``limits.output_bytes`` to ``on_output``,
+   then keeps draining and only counts, so memory stays flat.
+5. The run ends when bwrap exits (the command's status, ``128+N`` for
+   signal N), the wall-clock timeout fires (SIGKILL the tree), or ``cancel``
+   is set (SIGTERM to the command's processes, ``kill_grace_s``, SIGKILL).
+   "The tree" is the cgroup (``cgroup.kill``/freezer); without cgroups it is
+   bwrap's pid namespace: SIGKILL to its pid 1 (through a pidfd, so never a
+   recycled pid) kills every process in the namespace, daemons included.
+
+Reaping and measuring
+---------------------
+CPU time and peak memory come from the task cgroup (``cpu.stat`` or
+``cpuacct.usage``; ``memory.peak`` or ``memory.max_usage_in_bytes``).
+
+The process is reaped by the gateway itself, not by an asyncio child
+watcher (those reap with ``waitpid`` and throw the resource usage away): a
+``pidfd`` of the child is watched with ``loop.add_reader`` and, once
+readable, ``os.wait4(pid, WNOHANG)`` returns status and rusage.
+``Popen.returncode`` is set afterwards so ``Popen`` never reaps (or warns
+about) the pid again.  A process-wide ``FastChildWatcher`` (``waitpid(-1)``)
+would steal the status; the run then reports an error instead.
+
+bwrap's own rusage is *not* the sandbox's: its monitor exits as soon as the
+command does, without reaping its pid-1 child (so the command tree's usage
+is lost to whoever inherits that orphan), and its ``ru_maxrss`` starts at
+the gateway's RSS (an exec records the old address space's high-water
+mark).  So when the cgroup cannot measure (no cgroups, or no memory
+controller), bwrap is started through a small subreaper shim
+(:data:`_SUBREAPER_SHIM`): it inherits bwrap's orphaned pid 1, reaps it
+with ``wait4`` and reports the sum of CPU time and the pid 1's peak RSS,
+which covers every process of the sandbox because all of them are reaped
+inside the pid namespace.  That costs one short-lived interpreter per run,
+only on hosts without usable cgroups.
+
+bwrap's ``--die-with-parent`` uses ``PR_SET_PDEATHSIG``, which fires when the
+*thread* that forked bwrap exits, so spawning happens on the event-loop
+thread, never in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from gateway import bwrap as bw
+from gateway.cgroups import CgroupManager, Requested, TaskCgroup
+from gateway.errors import Unavailable
+from gateway.models import Limits, RunResult, SandboxRequest, Stream
+from gateway.seccomp import default_program, seccomp_fd
+
+__all__ = [
+    "BwrapSandbox",
+    "OutputCallback",
+    "OutputCap",
+    "Sandbox",
+    "check_bwrap",
+    "classify_bwrap_failure",
+    "decode_status",
+    "parse_info",
+    "plan_rlimits",
+]
+
+OutputCallback = Callable[[Stream, bytes], None]
+
+# How much of stderr is kept to recognise bwrap's own error messages.
+_STDERR_HEAD = 4096
+# Generous: bwrap needs milliseconds to write its info; a stuck host needs a bound.
+_SETUP_TIMEOUT_S = 30.0
+# After bwrap exits, how long the output pipes may take to reach EOF.
+_DRAIN_TIMEOUT_S = 5.0
+# Without cgroups, bwrap is started through this subreaper shim (run by the
+# gateway's own interpreter with -I -S).  bwrap's monitor exits as soon as
+# the command does, without reaping its pid 1, so its rusage misses the
+# whole sandbox; as a child subreaper the shim inherits that pid 1, reaps
+# it with wait4 and reports the sum.  It dies with the gateway (PDEATHSIG),
+# and bwrap's --die-with-parent then takes the sandbox down.
+_SUBREAPER_SHIM = """\
+import ctypes, json, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+parent = os.getppid()
+libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+if os.getppid() != parent:
+    os._exit(125)
+libc.prctl(36, 1, 0, 0, 0)
+report = int(sys.argv[1])
+os.set_inheritable(report, False)
+argv = sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
+# Only bwrap may hold the sandbox's fds: the pipes must reach EOF without us.
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+os.closerange(3, report)
+os.closerange(report + 1, 1 << 16)
+status, cpu, own_rss, rss = None, 0.0, 0, 0
+while True:
+    try:
+        child, st, ru = os.wait4(-1, 0)
+    except ChildProcessError:
+        break
+    except InterruptedError:
+        continue
+    cpu += ru.ru_utime + ru.ru_stime
+    if child == pid:
+        status, own_rss = st, ru.ru_maxrss
+    else:
+        rss = max(rss, ru.ru_maxrss)
+doc = {"status": status, "cpu_s": cpu, "maxrss_kib": rss or own_rss}
+os.write(report, json.dumps(doc).encode())
+"""
+
+# Real signals are 1..64; bwrap reports death by signal N as exit 128 + N.
+_MAX_SIGNAL = 64
+_RLIMITS = (
+    resource.RLIMIT_CORE,
+    resource.RLIMIT_NOFILE,
+    resource.RLIMIT_FSIZE,
+    resource.RLIMIT_CPU,
+    resource.RLIMIT_NPROC,
+    resource.RLIMIT_AS,
+)
+
+
+class Sandbox(Protocol):
+    """Runs one command in isolation; the core's only way to execute anything."""
+
+    async def run(
+        self, req: SandboxRequest, on_output: OutputCallback, cancel: asyncio.Event
+    ) -> RunResult:
+        """Run ``req`` to completion, timeout or cancellation.
+
+        ``on_output(stream, data)`` receives at most ``limits.output_bytes``
+        per stream, in order, as it is produced.  A failing command is a
+        normal result; a sandbox that could not start the command returns
+        a result with ``error`` set.  Raises
+        :class:`~gateway.errors.InvalidArgument` for a request that must not
+        be run at all.  Every process the command started is gone when
+        this returns.
+        """
+        ...
+
+    async def self_test(self) -> dict[str, object]:
+        """Prove the sandbox works (raises :class:`~gateway.errors.Unavailable`); return details."""
+        ...
+
+
+# -- pure decisions --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class OutputCap:
+    """Per-stream output accounting: deliver up to ``cap`` bytes, count everything."""
+
+    cap: int
+    delivered: int = 0
+    total: int = 0
+
+    def take(self, chunk: bytes) -> bytes:
+        """Count ``chunk``; return the part of it that may still be delivered."""
+        self.total += len(chunk)
+        room = self.cap - self.delivered
+        if room <= 0:
+            return b""
+        part = chunk[:room]
+        self.delivered += len(part)
+        return part
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.delivered
+
+
+def decode_status(status: int) -> tuple[int | None, int | None]:
+    """``(exit_code, signal)`` from bwrap's wait status (exactly one is not None).
+
+    bwrap exits with the command's code, or ``128 + N`` when the command was
+    killed by signal N (like a shell); such codes are reported as signal N.
+    A command that itself exits with 129..192 is therefore indistinguishable
+    from one killed by a signal.
+    """
+    if os.WIFSIGNALED(status):
+        return None, os.WTERMSIG(status)
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
+    if 128 < code <= 128 + _MAX_SIGNAL:
+        return None, code - 128
+    return code, None
+
+
+def classify_bwrap_failure(exit_code: int | None, stderr_head: bytes) -> tuple[str, int] | None:
+    """``(error, exit_code)`` if bwrap itself failed to start the command, else None.
+
+    bwrap reports setup failures (bad cwd, missing program, mount errors) as
+    exit status 1 with a single ``bwrap: ...`` line on stderr.  A missing
+    program maps to 127 and anything else to 126, as a shell would.  A
+    command that prints exactly such a line and exits 1 is misreported as a
+    sandbox failure of its own run; nothing else is affected.
+    """
+    if exit_code != 1 or not stderr_head.startswith(b"bwrap: "):
+        return None
+    text = stderr_head.decode("utf-8", "replace").strip()
+    if "\n" in text:
+        return None
+    message = "sandbox: " + text.removeprefix("bwrap: ")
+    if text.startswith("bwrap: execvp ") and text.endswith("No such file or directory"):
+        return message, 127
+    return message, 126
+
+
+def parse_info(data: bytes) -> int | None:
+    """The ``child-pid`` from bwrap's ``--info-fd`` JSON, or None."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    pid = doc.get("child-pid") if isinstance(doc, dict) else None
+    return pid if isinstance(pid, int) and pid > 0 else None
+
+
+def plan_rlimits(
+    limits: Limits,
+    current: Mapping[int, tuple[int, int]],
+    *,
+    pids_cgroup: bool,
+    memory_cgroup: bool,
+) -> list[tuple[int, tuple[int, int]]]:
+    """``(resource, (soft, hard))`` to apply to the sandbox's pid 1 (pure).
+
+    Always: no core dumps, ``nofile``, ``fsize`` and ``cpu_seconds`` (SIGXCPU
+    at the soft limit, SIGKILL one second later).  Without a pids cgroup,
+    RLIMIT_NPROC = ``pids`` (since Linux 5.14 it counts per user namespace,
+    so it bounds this sandbox only); without a memory cgroup, RLIMIT_AS =
+    ``memory_bytes`` (per process, coarser than the cgroup).  Values are
+    clamped to the current hard limits, which an unprivileged gateway
+    cannot raise; ``current`` maps resource -> (soft, hard).
+    """
+    inf = resource.RLIM_INFINITY
+    wanted: list[tuple[int, int, int]] = [
+        (resource.RLIMIT_CORE, 0, 0),
+        (resource.RLIMIT_NOFILE, limits.nofile, limits.nofile),
+        (resource.RLIMIT_FSIZE, limits.fsize_bytes, limits.fsize_bytes),
+        (resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1),
+    ]
+    if not pids_cgroup:
+        # bwrap's pid 1 counts too.
+        wanted.append((resource.RLIMIT_NPROC, limits.pids + 1, limits.pids + 1))
+    if not memory_cgroup:
+        wanted.append((resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes))
+    plan: list[tuple[int, tuple[int, int]]] = []
+    for res, soft, hard in wanted:
+        cur_hard = current.get(res, (inf, inf))[1]
+        if cur_hard != inf:
+            hard = min(hard, cur_hard)
+            soft = min(soft, hard)
+        plan.append((res, (soft, hard)))
+    return plan
+
+
+# -- I/O helpers -----------------------------------------------------------------------
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """A read-only fd on a sealed memfd holding ``data``, at offset 0."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        fcntl.fcntl(
+            fd,
+            fcntl.F_ADD_SEALS,
+            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL,
+        )
+        # A fresh read-only open file description: the reader cannot write
+        # (seals) or even hold a writable fd, and has its own offset 0.
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(fd)
+
+
+def _close(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None and fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (best effort, via /proc/<pid>/task/*/children)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children", encoding="ascii") as fh:
+                    kids = [int(k) for k in fh.read().split()]
+            except (OSError, ValueError):
+                continue
+            for kid in kids:
+                if kid not in found:
+                    found.append(kid)
+                    todo.append(kid)
+    return found
+
+
+def _parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+        for line in fh:
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    raise ProcessLookupError(errno.ESRCH, f"no PPid for {pid}")
+
+
+def _bwrap_pid(proc: _Proc, child: int) -> int:
+    """bwrap's pid: the parent of ``child``, which must be our child (or the shim's).
+
+    Checked, because if bwrap had died meanwhile ``child`` would have been
+    reparented (to the shim, or to the host's init), and that process must
+    never be moved into a task cgroup.
+    """
+    spawned = proc.popen.pid
+    parent = _parent_pid(child)
+    if proc.report_r < 0:
+        ok = parent == spawned
+    else:
+        ok = parent != spawned and _parent_pid(parent) == spawned
+    if not ok:
+        raise ProcessLookupError(errno.ESRCH, "bwrap exited during setup")
+    return parent
+
+
+def check_bwrap(path: str) -> os.stat_result:
+    """Fail closed unless ``path`` is an executable, non-setuid, non-setgid bwrap."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise Unavailable(f"bubblewrap not found at {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
+        raise Unavailable(f"{path} is not an executable file")
+    if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        # A setuid bwrap runs its setup as root on behalf of the caller and
+        # changes the threat model this sandbox was built and tested for.
+        raise Unavailable(f"{path} is setuid/setgid; refusing to use it")
+    return st
+
+
+def _make_dev_dir(parent: str | None) -> str:
+    """A private directory of :data:`~gateway.bwrap.DEV_NODES` owned by nobody.
+
+    Needed only when the gateway runs as root: the sandbox user then maps
+    to host uid 0, which owns the host's device nodes and could chmod them
+    through the binds bwrap's ``--dev`` makes.  These copies (same device
+    numbers, owner 65534, in a 0700 directory) are mounted over them.
+    """
+    path = tempfile.mkdtemp(prefix="mcp-gateway-dev-", dir=parent)
+    if os.statvfs(path).f_flag & os.ST_NODEV:
+        shutil.rmtree(path, ignore_errors=True)
+        raise Unavailable(f"{path} is on a nodev file system; device nodes would not work there")
+    try:
+        for node in bw.DEV_NODES:
+            host = os.stat(f"/dev/{node}")
+            target = os.path.join(path, node)
+            os.mknod(target, stat.S_IFCHR | 0o666, host.st_rdev)
+            # Same mode as the host nodes, whatever the umask.
+            os.chmod(target, 0o666)  # noqa: S103
+            os.chown(target, 65534, 65534)
+    except OSError as exc:
+        shutil.rmtree(path, ignore_errors=True)
+        raise Unavailable(f"cannot create private device nodes in {path}: {exc}") from exc
+    return path
+
+
+def _self_test_argvs() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(true, seccomp probe)`` command lines available on this host (I/O: stat)."""
+    true = next((p for p in ("/usr/bin/true", "/bin/true") if os.path.exists(p)), None)
+    if true is None:
+        raise Unavailable("self-test: no 'true' program on this host")
+    if os.path.exists("/usr/bin/unshare"):
+        return (true,), ("/usr/bin/unshare", "-U", true)
+    if os.path.exists("/usr/bin/python3"):
+        return (true,), (
+            "/usr/bin/python3",
+            "-c",
+            "import ctypes,os,sys\n"
+            "libc=ctypes.CDLL(None,use_errno=True)\n"
+            "r=libc.unshare(0x10000000)\n"
+            "sys.stderr.write(os.strerror(ctypes.get_errno()) if r else 'unshare worked')\n"
+            "sys.exit(1 if r else 0)\n",
+        )
+    raise Unavailable("self-test: neither unshare nor python3 to probe seccomp")
+
+
+class _Pump:
+    """Reads one output pipe on the event loop and hands capped chunks on."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        stream: Stream,
+        cap: OutputCap,
+        on_output: OutputCallback,
+        chunk_bytes: int,
+        keep_head: int = 0,
+    ) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.stream: Stream = stream
+        self.cap = cap
+        self.on_output = on_output
+        self.chunk_bytes = chunk_bytes
+        self.keep_head = keep_head
+        self.head = bytearray()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.error: BaseException | None = None
+        self._open = True
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._ready)
+
+    def _ready(self) -> None:
+        try:
+            data = os.read(self.fd, self.chunk_bytes)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        if len(self.head) < self.keep_head:
+            self.head += data[: self.keep_head - len(self.head)]
+        part = self.cap.take(data)
+        if part and self.error is None:
+            try:
+                self.on_output(self.stream, part)
+            except Exception as exc:  # reported by run(); the pipe must keep draining
+                self.error = exc
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+@dataclasses.dataclass(slots=True)
+class _Exit:
+    """bwrap's wait status and the resources of everything it ran."""
+
+    status: int | None  # None: lost (reaped by someone else, or no shim report)
+    cpu_s: float = 0.0
+    maxrss_bytes: int = 0
+
+
+class _Reaper:
+    """Waits for one child through a pidfd and reaps it with ``wait4`` (keeps rusage)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, proc: subprocess.Popen[bytes]) -> None:
+        self.loop = loop
+        self.proc = proc
+        self.pidfd = os.pidfd_open(proc.pid)
+        self.exited: asyncio.Future[_Exit] = loop.create_future()
+        loop.add_reader(self.pidfd, self._ready)
+
+    def _ready(self) -> None:
+        try:
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            self._finish(_Exit(None))
+            return
+        if pid == 0:
+            return
+        self._finish(_Exit(status, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024))
+
+    def _finish(self, result: _Exit) -> None:
+        self.loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        self.pidfd = -1
+        # Popen must not wait for (or warn about) a pid that is already reaped.
+        self.proc.returncode = (
+            -1 if result.status is None else os.waitstatus_to_exitcode(result.status)
+        )
+        if not self.exited.done():
+            self.exited.set_result(result)
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            self.loop.remove_reader(self.pidfd)
+            _close(self.pidfd)
+            self.pidfd = -1
+
+
+@dataclasses.dataclass(slots=True)
+class _Proc:
+    """The spawned bwrap and the parent-side ends of its fds."""
+
+    popen: subprocess.Popen[bytes]
+    reaper: _Reaper
+    pumps: tuple[_Pump, _Pump]  # stdout, stderr
+    block_w: int
+    info_r: int
+    report_r: int = -1  # the subreaper shim's report (only without cgroups)
+
+
+@dataclasses.dataclass(slots=True)
+class _Run:
+    """Mutable bookkeeping of one run (local to :meth:`BwrapSandbox.run`)."""
+
+    req: SandboxRequest
+    cgroup: TaskCgroup | None
+    started: float
+    proc: _Proc | None = None
+    child_pid: int | None = None  # bwrap's child: pid 1 of the sandbox
+    child_pidfd: int = -1
+    bwrap_pid: int | None = None
+    timed_out: bool = False
+    cancelled: bool = False
+    error: str | None = None
+
+
+class BwrapSandbox:
+    """The production :class:`Sandbox`: bubblewrap + seccomp + cgroups + rlimits.
+
+    Construction checks bwrap (present, executable, not setuid/setgid:
+    fail closed with :class:`~gateway.errors.Unavailable`), compiles the
+    seccomp filter, probes the host layout and detects cgroups (never
+    fatal: without cgroups the sandbox uses rlimits only and says so in
+    :meth:`self_test`).  When the gateway runs as root it also creates
+    private device nodes (see :func:`_make_dev_dir`).  Call :meth:`close`
+    to remove what construction created.
+    """
+
+    def __init__(
+        self,
+        *,
+        bwrap_path: str = "/usr/bin/bwrap",
+        cgroup_parent: str = "mcp-gateway",
+        cgroups: Requested = "auto",
+        kill_grace_s: float = 2.0,
+        chunk_bytes: int = 64 * 1024,
+        dev_dir_parent: str | None = None,
+        cgroup_manager: CgroupManager | None = None,
+    ) -> None:
+        check_bwrap(bwrap_path)
+        self.bwrap_path = bwrap_path
+        self.kill_grace_s = kill_grace_s
+        self.chunk_bytes = chunk_bytes
+        self.program = default_program()
+        self.layout = bw.HostLayout.probe()
+        self.cgroups = cgroup_manager or CgroupManager.detect(cgroup_parent, cgroups)
+        self.dev_dir = _make_dev_dir(dev_dir_parent) if os.geteuid() == 0 else None
+        self._passwd = bw.synthetic_passwd()
+        self._group = bw.synthetic_group()
+        # Also at garbage collection / interpreter exit, for owners that never call close().
+        self._finalizer = weakref.finalize(self, _release, self.dev_dir, self.cgroups)
+
+    def close(self) -> None:
+        """Remove the private device nodes and the (empty) cgroup base directories.
+
+        Idempotent; runs by itself at garbage collection or interpreter exit.
+        """
+        self._finalizer()
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(
+        self, req: SandboxRequest, on_output: OutputCallback, cancel: asyncio.Event
+    ) -> RunResult:
+        """See :meth:`Sandbox.run`."""
+        bw.validate_request(req)
+        started = time.monotonic()
+        if cancel.is_set():
+            return RunResult(exit_code=None, cancelled=True)
+        cgroup: TaskCgroup | None = None
+        if self.cgroups.available:
+            try:
+                cgroup = await asyncio.to_thread(self.cgroups.create, req.task_id, req.limits)
+            except OSError as exc:
+                # Fail closed: limits that were promised must apply.
+                return RunResult(exit_code=None, error=f"sandbox: cannot create cgroup: {exc}")
+        run = _Run(req, cgroup, started)
+        try:
+            return await self._run(run, on_output, cancel)
+        finally:
+            await self._cleanup(run)
+
+    async def _run(self, run: _Run, on_output: OutputCallback, cancel: asyncio.Event) -> RunResult:
+        lim = run.req.limits
+        caps: dict[Stream, OutputCap] = {
+            "stdout": OutputCap(lim.output_bytes),
+            "stderr": OutputCap(lim.output_bytes),
+        }
+        proc = self._spawn(run, asyncio.get_running_loop(), caps, on_output)
+        if proc is None:
+            return self._result(run, caps, None)
+        run.proc = proc
+        exited = proc.reaper.exited
+
+        run.child_pid = parse_info(await self._read_info(run, proc))
+        if run.child_pid is None or not self._place(run, proc):
+            # bwrap failed (or is stuck) before reporting its child, or the
+            # child could not be confined: it must never run the command.
+            self._kill_now(run)
+            if run.child_pid is None and run.error is None:
+                run.error = "sandbox: bwrap failed before starting the sandbox"
+        # Release the block fd: bwrap forks and execs the command now.
+        _close(proc.block_w)
+        proc.block_w = -1
+
+        deadline = run.started + lim.timeout_s
+        cancel_wait = asyncio.ensure_future(cancel.wait())
+        try:
+            waiters: set[asyncio.Future[Any]] = {exited, cancel_wait}
+            done, _ = await asyncio.wait(
+                waiters,
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not exited.done():
+                if cancel_wait in done:
+                    run.cancelled = True
+                    await self._terminate(run, proc)
+                else:
+                    run.timed_out = True
+                    await self._kill_tree(run)
+            end = _shim_report(proc, await exited)
+        finally:
+            cancel_wait.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cancel_wait
+
+        # bwrap is gone and its pid 1 dies with it (--die-with-parent); kill
+        # whatever is left in the cgroup so that the pipes reach EOF.
+        await self._kill_tree(run)
+        await self._drain(proc)
+        for pump in proc.pumps:
+            if pump.error is not None:
+                raise pump.error
+        return self._result(run, caps, end)
+
+    def _spawn(
+        self,
+        run: _Run,
+        loop: asyncio.AbstractEventLoop,
+        caps: dict[Stream, OutputCap],
+        on_output: OutputCallback,
+    ) -> _Proc | None:
+        """Start bwrap (blocked before the command); None with ``run.error`` on failure."""
+        req = run.req
+        child_fds: list[int] = []
+        parent_fds: list[int] = []
+        try:
+            sec = seccomp_fd(self.program)
+            child_fds.append(sec)
+            passwd = _memfd("passwd", self._passwd)
+            child_fds.append(passwd)
+            group = _memfd("group", self._group)
+            child_fds.append(group)
+            if req.stdin is not None:
+                stdin = _memfd("stdin", req.stdin)
+            else:
+                stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            child_fds.append(stdin)
+            block_r, block_w = os.pipe()
+            child_fds.append(block_r)
+            parent_fds.append(block_w)
+            info_r, info_w = os.pipe()
+            child_fds.append(info_w)
+            parent_fds.append(info_r)
+            out_r, out_w = os.pipe()
+            child_fds.append(out_w)
+            parent_fds.append(out_r)
+            err_r, err_w = os.pipe()
+            child_fds.append(err_w)
+            parent_fds.append(err_r)
+            argv = bw.build_bwrap_argv(
+                req,
+                bwrap_path=self.bwrap_path,
+                seccomp_fd=sec,
+                passwd_fd=passwd,
+                group_fd=group,
+                block_fd=block_r,
+                info_fd=info_w,
+                layout=self.layout,
+                dev_dir=self.dev_dir,
+            )
+            pass_fds = [sec, passwd, group, block_r, info_w]
+            report_r = -1
+            if not self.cgroups.measures_usage:
+                report_r, report_w = os.pipe()
+                child_fds.append(report_w)
+                parent_fds.append(report_r)
+                pass_fds.append(report_w)
+                argv = [sys.executable, "-I", "-S", "-c", _SUBREAPER_SHIM, str(report_w), *argv]
+            # Spawned on the loop thread: see the module docstring (PDEATHSIG).
+            popen = subprocess.Popen(
+                argv,
+                stdin=stdin,
+                stdout=out_w,
+                stderr=err_w,
+                pass_fds=pass_fds,
+                close_fds=True,
+                start_new_session=True,
+                env={},
+                cwd="/",
+            )
+        except OSError as exc:
+            _close(*child_fds, *parent_fds)
+            run.error = f"sandbox: cannot start bwrap: {exc.strerror or exc}"
+            return None
+        # bwrap holds its own copies now; ours would keep pipes from reaching EOF.
+        _close(*child_fds)
+        try:
+            reaper = _Reaper(loop, popen)
+        except OSError as exc:
+            # Without a reaper we cannot supervise it: kill it (it is still
+            # blocked before the command) and reap it synchronously.
+            with contextlib.suppress(OSError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            _close(*parent_fds)
+            run.error = f"sandbox: cannot supervise bwrap: {exc.strerror or exc}"
+            return None
+        return _Proc(
+            popen=popen,
+            reaper=reaper,
+            pumps=(
+                _Pump(loop, out_r, "stdout", caps["stdout"], on_output, self.chunk_bytes),
+                _Pump(
+                    loop,
+                    err_r,
+                    "stderr",
+                    caps["stderr"],
+                    on_output,
+                    self.chunk_bytes,
+                    keep_head=_STDERR_HEAD,
+                ),
+            ),
+            block_w=block_w,
+            info_r=info_r,
+            report_r=report_r,
+        )
+
+    async def _read_info(self, run: _Run, proc: _Proc) -> bytes:
+        """Everything bwrap writes to the info fd (EOF once bwrap and its child closed it)."""
+        loop = asyncio.get_running_loop()
+        fd = proc.info_r
+        data = bytearray()
+        eof: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            try:
+                chunk = os.read(fd, 4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            if chunk and len(data) < 65536:
+                data.extend(chunk)
+            elif not eof.done():
+                eof.set_result(None)
+
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, ready)
+        try:
+            await asyncio.wait_for(eof, min(_SETUP_TIMEOUT_S, run.req.limits.timeout_s))
+        except TimeoutError:
+            run.error = "sandbox: bwrap did not report its child in time"
+            return b""
+        finally:
+            loop.remove_reader(fd)
+            _close(fd)
+            proc.info_r = -1
+        return bytes(data)
+
+    def _place(self, run: _Run, proc: _Proc) -> bool:
+        """Move bwrap and its blocked child into the cgroup and rlimit the child."""
+        child = run.child_pid
+        if child is None:
+            return False
+        cg = run.cgroup
+        try:
+            # While the child is blocked it cannot exit, so its pid is its own
+            # and its parent is bwrap (not the subreaper shim, if one is used).
+            run.child_pidfd = os.pidfd_open(child)
+            run.bwrap_pid = _bwrap_pid(proc, child)
+            if cg is not None:
+                cg.attach(run.bwrap_pid)
+                cg.attach(child)
+            current = {res: resource.prlimit(child, res) for res in _RLIMITS}
+            ctrls = self.cgroups.controllers if cg is not None else frozenset()
+            for res, value in plan_rlimits(
+                run.req.limits,
+                current,
+                pids_cgroup="pids" in ctrls,
+                memory_cgroup="memory" in ctrls,
+            ):
+                resource.prlimit(child, res, value)
+        except OSError as exc:
+            run.error = f"sandbox: cannot confine the sandbox: {exc.strerror or exc}"
+            return False
+        return True
+
+    def _kill_now(self, run: _Run) -> None:
+        """SIGKILL bwrap's pid 1 (so the whole pid namespace) and bwrap's process group.
+
+        Until its ``--new-session`` setsid, bwrap's child is in bwrap's
+        process group, so the group kill also reaches a child whose pid was
+        never reported.  The group id is bwrap's pid, which cannot be reused
+        while bwrap is unreaped (reaping happens on this same thread).
+        """
+        if run.child_pidfd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(run.child_pidfd, signal.SIGKILL)
+            if run.proc is not None and run.proc.report_r >= 0:
+                # bwrap exits once its child is dead; the subreaper shim must
+                # survive to reap both and report their usage.
+                return
+        proc = run.proc
+        if proc is not None and not proc.reaper.exited.done():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+
+    async def _kill_tree(self, run: _Run) -> None:
+        self._kill_now(run)
+        if run.cgroup is not None:
+            await asyncio.to_thread(run.cgroup.kill)
+
+    async def _terminate(self, run: _Run, proc: _Proc) -> None:
+        """SIGTERM the command's processes, wait ``kill_grace_s``, then kill the tree."""
+        # bwrap's own two processes are left alone: they exit with the command.
+        bwrap_pids = {run.bwrap_pid or -1, run.child_pid or -1}
+        if run.cgroup is not None:
+            await asyncio.to_thread(run.cgroup.signal_all, signal.SIGTERM, bwrap_pids)
+        elif run.child_pid is not None:
+            for pid in await asyncio.to_thread(_descendants, run.child_pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(proc.reaper.exited), self.kill_grace_s)
+        await self._kill_tree(run)
+
+    async def _drain(self, proc: _Proc) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(p.done for p in proc.pumps)), _DRAIN_TIMEOUT_S)
+        for pump in proc.pumps:
+            pump.close()
+
+    def _result(self, run: _Run, caps: dict[Stream, OutputCap], end: _Exit | None) -> RunResult:
+        wall = time.monotonic() - run.started
+        exit_code: int | None = None
+        sig: int | None = None
+        error = run.error
+        if end is None:
+            exit_code = 127  # bwrap never ran
+        elif end.status is None:
+            error = error or "sandbox: bwrap's exit status was lost (reaped elsewhere)"
+        else:
+            exit_code, sig = decode_status(end.status)
+        head = bytes(run.proc.pumps[1].head) if run.proc is not None else b""
+        if error is None and not (run.timed_out or run.cancelled):
+            failure = classify_bwrap_failure(exit_code, head)
+            if failure is not None:
+                error, exit_code = failure
+        elif run.proc is not None and run.child_pid is None:
+            # bwrap died in its own setup; its message (if any) says why.
+            line = head.decode("utf-8", "replace").strip().splitlines()[:1]
+            if line and line[0].startswith("bwrap: "):
+                error = "sandbox: " + line[0].removeprefix("bwrap: ")
+            exit_code, sig = 126, None
+        cpu = 0.0 if end is None else end.cpu_s
+        rss = 0 if end is None else end.maxrss_bytes
+        if run.cgroup is not None:
+            usage = run.cgroup.usage()
+            cpu = usage.cpu_time_s if usage.cpu_time_s is not None else cpu
+            rss = usage.peak_memory_bytes if usage.peak_memory_bytes is not None else rss
+        return RunResult(
+            exit_code=exit_code,
+            signal=sig,
+            timed_out=run.timed_out,
+            cancelled=run.cancelled,
+            stdout_bytes=caps["stdout"].total,
+            stderr_bytes=caps["stderr"].total,
+            stdout_truncated=caps["stdout"].truncated,
+            stderr_truncated=caps["stderr"].truncated,
+            cpu_time_s=cpu,
+            max_rss_bytes=rss,
+            wall_time_s=wall,
+            error=error,
+        )
+
+    async def _cleanup(self, run: _Run) -> None:
+        """Whatever happened (even cancellation of run()): nothing survives, nothing leaks."""
+        proc = run.proc
+        if proc is not None:
+            _close(proc.block_w, proc.info_r, proc.report_r)
+            proc.block_w = proc.info_r = proc.report_r = -1
+            if not proc.reaper.exited.done():
+                self._kill_now(run)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(proc.reaper.exited), _DRAIN_TIMEOUT_S)
+            for pump in proc.pumps:
+                pump.close()
+            proc.reaper.close()
+        _close(run.child_pidfd)
+        run.child_pidfd = -1
+        if run.cgroup is not None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(_kill_and_remove, run.cgroup)
+
+    # -- self-test -----------------------------------------------------------------------
+
+    async def self_test(self) -> dict[str, object]:
+        """Run ``true`` with the full flags and prove the seccomp filter is active.
+
+        The seccomp probe runs ``unshare -U true`` (or a raw ``unshare``
+        through python3 if util-linux is missing): it must fail with EPERM,
+        the filter's answer; without the filter ``--disable-userns`` would
+        fail it with ENOSPC instead.
+        """
+        st = check_bwrap(self.bwrap_path)
+        version = await _bwrap_version(self.bwrap_path)
+        true, probe = await asyncio.to_thread(_self_test_argvs)
+        workspace = tempfile.mkdtemp(prefix="mcp-gateway-selftest-")
+        try:
+            limits = Limits(timeout_s=20.0)
+            first = await self._probe("self-test", true, workspace, limits)
+            if first[0].error is not None or first[0].exit_code != 0:
+                raise Unavailable(
+                    f"self-test: sandboxed true failed: {first[0].error or first[0]} "
+                    f"{first[1].decode('utf-8', 'replace')[:500]}"
+                )
+            second = await self._probe("self-test-seccomp", probe, workspace, limits)
+            if second[0].exit_code == 0 or b"Operation not permitted" not in second[1]:
+                raise Unavailable(
+                    "self-test: the seccomp filter is not active "
+                    f"({second[1].decode('utf-8', 'replace')[:200]!r})"
+                )
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
+        details: dict[str, object] = {
+            "bwrap": self.bwrap_path,
+            "bwrap_version": version,
+            "bwrap_setuid": bool(st.st_mode & stat.S_ISUID),
+            "seccomp": "ok",
+            "seccomp_rules": self.program.rules,
+            "seccomp_skipped": ",".join(self.program.skipped) or "none",
+            "cgroups": self.cgroups.mode,
+            "cgroup_controllers": self.cgroups.describe()["controllers"],
+            "cgroup_kill": self.cgroups.kill_method,
+            "rlimits": "core,nofile,fsize,cpu"
+            + ("" if "pids" in self.cgroups.controllers else ",nproc")
+            + ("" if "memory" in self.cgroups.controllers else ",as"),
+            "host_uid": os.geteuid(),
+            "private_dev": self.dev_dir is not None,
+            "wall_ms": round(first[0].wall_time_s * 1000, 1),
+        }
+        if self.cgroups.notes:
+            details["cgroup_notes"] = "; ".join(self.cgroups.notes)
+        return details
+
+    async def _probe(
+        self, task_id: str, argv: tuple[str, ...], workspace: str, limits: Limits
+    ) -> tuple[RunResult, bytes]:
+        stderr = bytearray()
+
+        def keep(stream: Stream, data: bytes) -> None:
+            if stream == "stderr":
+                stderr.extend(data)
+
+        req = SandboxRequest(task_id=task_id, argv=argv, workspace=workspace, limits=limits)
+        result = await self.run(req, keep, asyncio.Event())
+        return result, bytes(stderr)
+
+
+def _shim_report(proc: _Proc, end: _Exit) -> _Exit:
+    """bwrap's status and usage from the subreaper shim's report (if one was used)."""
+    if proc.report_r < 0:
+        return end
+    try:
+        os.set_blocking(proc.report_r, False)
+        data = os.read(proc.report_r, 65536)
+    except OSError:
+        data = b""
+    finally:
+        _close(proc.report_r)
+        proc.report_r = -1
+    try:
+        doc = json.loads(data)
+        status = doc["status"]
+        return _Exit(
+            status if isinstance(status, int) else None,
+            float(doc["cpu_s"]),
+            int(doc["maxrss_kib"]) * 1024,
+        )
+    except (ValueError, KeyError, TypeError):
+        # No report: the shim itself was killed (setup failure path).
+        return _Exit(end.status, end.cpu_s, end.maxrss_bytes)
+
+
+def _release(dev_dir: str | None, cgroups: CgroupManager) -> None:
+    if dev_dir is not None:
+        shutil.rmtree(dev_dir, ignore_errors=True)
+    cgroups.close()
+
+
+def _kill_and_remove(cg: TaskCgroup) -> None:
+    cg.kill()
+    cg.remove()
+
+
+async def _bwrap_version(path: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        path,
+        "--version",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    if proc.returncode != 0:
+        raise Unavailable(f"{path} --version failed with status {proc.returncode}")
+    return out.decode("utf-8", "replace").strip()

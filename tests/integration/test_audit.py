@@ -1,0 +1,394 @@
+"""AuditLog on a real file: durability, chain continuity, concurrency, redaction, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit import (
+    GENESIS,
+    RECOVERED_EVENT,
+    REDACTED,
+    AuditLog,
+    AuditSink,
+    verify_file,
+)
+from gateway.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def lines_of(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines_of(path)]
+
+
+def read_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def append_bytes(path: Path, data: bytes) -> None:
+    with open(path, "ab") as handle:
+        handle.write(data)
+
+
+def exists(path: Path) -> bool:
+    return path.exists()
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    return tmp_path / "audit.log"
+
+
+async def write_n(log: AuditLog, n: int, start: int = 0) -> list[str]:
+    return [await log.write("test.event", {"i": i}) for i in range(start, start + n)]
+
+
+def test_auditlog_is_an_audit_sink(log_path: Path) -> None:
+    """AuditLog satisfies the AuditSink protocol the core depends on."""
+    sink: AuditSink = AuditLog(log_path)
+    assert isinstance(sink, AuditLog)
+
+
+async def test_write_is_durable_and_returns_line_hash(log_path: Path) -> None:
+    """Each write is on disk (0o600) before it returns, and returns the SHA-256 of its line."""
+    latencies: list[float] = []
+    log = AuditLog(log_path, clock=lambda: 0.0, on_latency=latencies.append)
+    digest = await log.write("gateway.started", {"engine": "embedded"})
+    (line,) = lines_of(log_path)  # readable by another reader before close
+    assert digest == sha(line)
+    record = json.loads(line)
+    assert record == {
+        "seq": 1,
+        "ts": "1970-01-01T00:00:00.000000Z",
+        "event": "gateway.started",
+        "engine": "embedded",
+        "prev": GENESIS,
+    }
+    assert mode_of(log_path) == 0o600
+    assert len(latencies) == 1
+    assert latencies[0] >= 0
+    await log.close()
+
+
+async def test_chain_continues_across_reopen(log_path: Path) -> None:
+    """A reopened log continues seq and prev from the last record on disk."""
+    log = AuditLog(log_path)
+    first = await write_n(log, 3)
+    await log.close()
+    log = AuditLog(log_path)
+    second = await write_n(log, 2, start=3)
+    await log.close()
+    recs = records(log_path)
+    assert [r["seq"] for r in recs] == [1, 2, 3, 4, 5]
+    assert recs[3]["prev"] == first[-1]
+    result = verify_file(log_path, expected_head=second[-1])
+    assert result.ok, result
+    assert result.records == 5
+
+
+async def test_concurrent_writers_form_one_chain(log_path: Path) -> None:
+    """Hundreds of concurrent tasks produce a gap-free, valid chain and distinct hashes."""
+    log = AuditLog(log_path)
+    hashes = await asyncio.gather(*(log.write("burst", {"task": i}) for i in range(300)))
+    await log.close()
+    recs = records(log_path)
+    assert [r["seq"] for r in recs] == list(range(1, 301))
+    assert sorted(r["task"] for r in recs) == list(range(300))
+    assert set(hashes) == {sha(line) for line in lines_of(log_path)}
+    assert verify_file(log_path).ok
+
+
+async def test_cancelled_writers_keep_the_chain_valid(log_path: Path) -> None:
+    """Cancelling writers mid-flight never forks or breaks the chain."""
+    log = AuditLog(log_path)
+    tasks = [asyncio.create_task(log.write("maybe", {"i": i})) for i in range(100)]
+    await asyncio.sleep(0)
+    for task in tasks[::3]:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await log.write("after", {})
+    await log.close()
+    result = verify_file(log_path)
+    assert result.ok, result
+    assert records(log_path)[-1]["event"] == "after"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"token": "t0p-s3cret"}, {"token": REDACTED}),
+        ({"Authorization": "Bearer abc"}, {"Authorization": REDACTED}),
+        (
+            {"user": {"password": "pw", "name": "bob"}},
+            {"user": {"password": REDACTED, "name": "bob"}},
+        ),
+        ({"args": ["login", "password=hunter2"]}, {"args": ["login", REDACTED]}),
+        ({"cmd": "run --key sk-live-1234 now"}, {"cmd": f"run --key {REDACTED} now"}),
+    ],
+)
+async def test_redaction_on_disk(
+    log_path: Path, fields: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    """Secrets never reach the file: secret-named keys and configured patterns are redacted."""
+    log = AuditLog(log_path, redact=[r"password=\S+", r"sk-live-\w+"])
+    await log.write("redact.test", fields)
+    await log.close()
+    text = read_bytes(log_path)
+    for secret in (b"t0p-s3cret", b"Bearer abc", b"hunter2", b"sk-live-1234", b'"pw"'):
+        assert secret not in text
+    (record,) = records(log_path)
+    assert {k: v for k, v in record.items() if k not in ("seq", "ts", "event", "prev")} == expected
+
+
+async def test_reserved_fields_rejected_and_nothing_written(log_path: Path) -> None:
+    """A reserved field name is InvalidArgument and writes nothing."""
+    log = AuditLog(log_path)
+    with pytest.raises(InvalidArgument):
+        await log.write("e", {"seq": 99})
+    await log.close()
+    assert not exists(log_path)
+
+
+async def test_closed_log_refuses_writes(log_path: Path) -> None:
+    """After close, write fails with FailedPrecondition; close is idempotent."""
+    log = AuditLog(log_path)
+    await log.write("e", {})
+    await log.close()
+    await log.close()
+    with pytest.raises(FailedPrecondition):
+        await log.write("e", {})
+
+
+async def test_second_writer_is_refused(log_path: Path) -> None:
+    """A second writer on the same file is Unavailable while the first holds it (flock)."""
+    first = AuditLog(log_path)
+    await first.write("one", {})
+    second = AuditLog(log_path)
+    with pytest.raises(Unavailable, match="another writer"):
+        await second.write("two", {})
+    await first.close()
+    await second.write("two", {})
+    await second.close()
+    assert [r["event"] for r in records(log_path)] == ["one", "two"]
+    assert verify_file(log_path).ok
+
+
+# -- torn tails --------------------------------------------------------------------
+
+
+async def test_torn_tail_is_recovered(log_path: Path) -> None:
+    """A torn last line is kept; an audit.recovered record links past it to the last good one."""
+    log = AuditLog(log_path)
+    hashes = await write_n(log, 3)
+    await log.close()
+    torn = b'{"seq":4,"ts":"2024-01-01T00:00'
+    append_bytes(log_path, torn)
+    broken = verify_file(log_path)
+    assert (broken.ok, broken.first_bad_line) == (False, 4)
+    assert broken.reason is not None
+    assert "not yet recovered" in broken.reason
+
+    log = AuditLog(log_path)
+    last = await log.write("after.crash", {})
+    await log.close()
+    raw = lines_of(log_path)
+    assert raw[3] == torn
+    recovery = json.loads(raw[4])
+    assert recovery["event"] == RECOVERED_EVENT
+    assert recovery["seq"] == 4
+    assert recovery["prev"] == hashes[-1]
+    assert recovery["torn"] == [{"bytes": len(torn), "sha256": sha(torn)}]
+    assert json.loads(raw[5])["seq"] == 5
+    result = verify_file(log_path, expected_head=last)
+    assert result.ok, result
+    assert result.records == 5
+
+
+async def test_torn_recovery_itself_torn(log_path: Path) -> None:
+    """A crash during recovery leaves two torn lines; the next open recovers both at once."""
+    log = AuditLog(log_path)
+    await write_n(log, 2)
+    await log.close()
+    append_bytes(
+        log_path,
+        b'{"seq":3,"t' + b'\n{"seq":3,"ts":"2024-01-01T00:00:00.000000Z","event":"audit.re',
+    )
+    log = AuditLog(log_path)
+    await log.write("after", {})
+    await log.close()
+    recs = [json.loads(line) for line in lines_of(log_path)[4:]]
+    assert recs[0]["event"] == RECOVERED_EVENT
+    assert len(recs[0]["torn"]) == 2
+    assert verify_file(log_path).ok
+
+
+async def test_complete_record_missing_newline(log_path: Path) -> None:
+    """A record that lost only its newline stays valid: the writer just adds the newline."""
+    log = AuditLog(log_path)
+    await write_n(log, 2)
+    await log.close()
+    write_bytes(log_path, read_bytes(log_path)[:-1])
+    log = AuditLog(log_path)
+    await log.write("after", {})
+    await log.close()
+    assert [r["event"] for r in records(log_path)] == ["test.event", "test.event", "after"]
+    assert verify_file(log_path).ok
+
+
+async def test_torn_first_write(log_path: Path) -> None:
+    """A file holding only a torn fragment recovers from the genesis hash."""
+    write_bytes(log_path, b'{"seq":1,"ts":"20')
+    log = AuditLog(log_path)
+    await log.write("after", {})
+    await log.close()
+    recs = [json.loads(line) for line in lines_of(log_path)[1:]]
+    assert (recs[0]["event"], recs[0]["seq"], recs[0]["prev"]) == (RECOVERED_EVENT, 1, GENESIS)
+    assert verify_file(log_path).ok
+
+
+async def test_recovery_record_is_not_redacted(log_path: Path) -> None:
+    """Redaction patterns never touch the recovery record, so it always verifies."""
+    write_bytes(log_path, b"{torn")
+    log = AuditLog(log_path, redact=[r"[0-9a-f]{8,}", r"\d+"])
+    await log.write("after", {})
+    await log.close()
+    assert verify_file(log_path).ok
+
+
+async def test_corrupt_last_record_fails_closed(log_path: Path) -> None:
+    """A last line that is JSON but not a record stops the writer (Internal), appending nothing."""
+    log = AuditLog(log_path)
+    await write_n(log, 2)
+    await log.close()
+    append_bytes(log_path, b'{"hello":"world"}\n')
+    before = read_bytes(log_path)
+    log = AuditLog(log_path)
+    with pytest.raises(Internal, match="corrupt"):
+        await log.write("e", {})
+    await log.close()
+    assert read_bytes(log_path) == before
+
+
+async def test_long_garbage_tail_is_read_back_far_enough(log_path: Path) -> None:
+    """A torn tail longer than the first read window is still found and described."""
+    log = AuditLog(log_path)
+    await write_n(log, 2)
+    await log.close()
+    torn = b'{"seq":3,"big":"' + b"x" * 300_000
+    append_bytes(log_path, torn)
+    log = AuditLog(log_path)
+    await log.write("after", {})
+    await log.close()
+    assert json.loads(lines_of(log_path)[3])["torn"][0]["bytes"] == len(torn)
+    assert verify_file(log_path).ok
+
+
+# -- failures and side channels ---------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+async def test_disk_full_is_resource_exhausted() -> None:
+    """ENOSPC on write surfaces as ResourceExhausted, not a raw OSError."""
+    log = AuditLog(Path("/dev/full"))
+    with pytest.raises(ResourceExhausted):
+        await log.write("e", {})
+    await log.close()
+
+
+async def test_unwritable_location_is_internal(tmp_path: Path) -> None:
+    """A log path whose directory is missing fails with Internal and no host path in the message."""
+    log = AuditLog(tmp_path / "missing" / "audit.log")
+    with pytest.raises(Internal) as info:
+        await log.write("e", {})
+    assert str(tmp_path) not in info.value.message
+    await log.close()
+
+
+async def test_latency_callback_errors_do_not_fail_writes(log_path: Path) -> None:
+    """A broken on_latency callback never turns a durable write into an error."""
+
+    def broken(seconds: float) -> None:
+        raise RuntimeError("metrics down")
+
+    log = AuditLog(log_path, on_latency=broken)
+    await log.write("e", {})
+    await log.close()
+    assert verify_file(log_path).ok
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[tuple[Path, socket.socket]]:
+    """A datagram socket standing in for journald's native socket."""
+    path = tmp_path / "journal.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(os.fsencode(path))
+    sock.settimeout(5)
+    yield path, sock
+    sock.close()
+
+
+async def test_journald_receives_each_record(
+    log_path: Path, journal: tuple[Path, socket.socket]
+) -> None:
+    """With also_journald, every record is also sent as a native journald datagram."""
+    path, sock = journal
+    log = AuditLog(log_path, also_journald=True, journald_socket=path)
+    digest = await log.write("hello", {"n": 1})
+    await log.close()
+    datagram = sock.recv(65536)
+    (line,) = lines_of(log_path)
+    assert datagram.startswith(b"MESSAGE=" + line + b"\n")
+    assert b"SYSLOG_IDENTIFIER=mcp-gateway-audit\n" in datagram
+    assert f"MCP_AUDIT_HASH={digest}\n".encode() in datagram
+    assert log.journald_failures == 0
+
+
+async def test_journald_unreachable_never_fails(
+    log_path: Path, journal: tuple[Path, socket.socket]
+) -> None:
+    """A journald socket nobody listens on, or no socket at all, never fails or blocks writes."""
+    path, sock = journal
+    log = AuditLog(log_path, also_journald=True, journald_socket=path)
+    await log.write("one", {})
+    sock.close()  # journald went away: the socket file stays, nobody receives
+    await log.write("two", {})
+    await log.close()
+    assert log.journald_failures == 1
+    missing = AuditLog(
+        log_path.with_name("b.log"), also_journald=True, journald_socket=path.with_name("none")
+    )
+    await missing.write("three", {})
+    await missing.close()
+    assert verify_file(log_path).ok

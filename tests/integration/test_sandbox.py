@@ -1,0 +1,790 @@
+"""BwrapSandbox and cgroups for real: runs, limits, output, timeouts, cancellation, cleanup.
+
+The pure helpers of :mod:`gateway.sandbox` and :mod:`gateway.cgroups` are
+tested here too (marked ``unit``), next to the behaviour they decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import secrets
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import cgroups as cg
+from gateway.errors import InvalidArgument, Unavailable
+from gateway.models import Limits, RunResult, SandboxRequest, Stream
+from gateway.sandbox import (
+    BwrapSandbox,
+    OutputCap,
+    classify_bwrap_failure,
+    decode_status,
+    parse_info,
+    plan_rlimits,
+)
+
+unit = pytest.mark.unit
+integration = pytest.mark.integration
+
+LIMITS = Limits(timeout_s=20.0)
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[BwrapSandbox]:
+    sb = BwrapSandbox(cgroup_parent=f"mcp-sandbox-test-{os.getpid()}")
+    yield sb
+    sb.close()
+
+
+@pytest.fixture(scope="module")
+def rlimits_sandbox() -> Iterator[BwrapSandbox]:
+    sb = BwrapSandbox(cgroups="off")
+    yield sb
+    sb.close()
+
+
+@pytest.fixture(params=["cgroups", "rlimits-only"])
+def any_sandbox(
+    request: pytest.FixtureRequest, sandbox: BwrapSandbox, rlimits_sandbox: BwrapSandbox
+) -> BwrapSandbox:
+    return sandbox if request.param == "cgroups" else rlimits_sandbox
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> str:
+    path = tmp_path / "ws"
+    path.mkdir()
+    return str(path)
+
+
+class Collected:
+    """An on_output callback that keeps everything it is given."""
+
+    def __init__(self) -> None:
+        self.data: dict[Stream, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        self.calls = 0
+
+    def __call__(self, stream: Stream, chunk: bytes) -> None:
+        self.calls += 1
+        self.data[stream].extend(chunk)
+
+    @property
+    def stdout(self) -> str:
+        return self.data["stdout"].decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.data["stderr"].decode("utf-8", "replace")
+
+
+async def run(
+    sb: BwrapSandbox,
+    workspace: str,
+    *argv: str,
+    cancel: asyncio.Event | None = None,
+    out: Collected | None = None,
+    **fields: object,
+) -> tuple[RunResult, Collected]:
+    out = out or Collected()
+    limits = fields.pop("limits", LIMITS)
+    req = SandboxRequest(
+        task_id="test-" + secrets.token_hex(4),
+        argv=argv,
+        workspace=workspace,
+        limits=limits,  # type: ignore[arg-type]
+        **fields,  # type: ignore[arg-type]
+    )
+    result = await sb.run(req, out, cancel or asyncio.Event())
+    return result, out
+
+
+def survivors(token: str) -> list[str]:
+    return subprocess.run(
+        ["pgrep", "-f", token], capture_output=True, text=True, check=False
+    ).stdout.split()
+
+
+# -- pure decisions ---------------------------------------------------------------------------
+
+STATUS_CASES = [
+    ("exit 0", 0 << 8, (0, None)),
+    ("exit 3", 3 << 8, (3, None)),
+    ("exit 128", 128 << 8, (128, None)),
+    ("bwrap reports SIGKILL", 137 << 8, (None, 9)),
+    ("bwrap reports SIGSYS", 159 << 8, (None, 31)),
+    ("beyond signals", 200 << 8, (200, None)),
+    ("bwrap itself killed", 9, (None, 9)),
+]
+
+
+@unit
+@pytest.mark.parametrize(
+    ("name", "status", "expected"), STATUS_CASES, ids=[c[0] for c in STATUS_CASES]
+)
+def test_decode_status(name: str, status: int, expected: tuple[int | None, int | None]) -> None:
+    """bwrap's 128+N convention is read as signal N; other codes are exit codes."""
+    assert decode_status(status) == expected
+
+
+FAILURE_CASES = [
+    ("missing program", 1, b"bwrap: execvp nope: No such file or directory\n", 127),
+    ("not executable", 1, b"bwrap: execvp ./x: Permission denied\n", 126),
+    ("bad cwd", 1, b"bwrap: Can't chdir to /workspace/x: No such file or directory\n", 126),
+    ("command failed", 1, b"grep: x: No such file\n", None),
+    ("other status", 2, b"bwrap: execvp nope: No such file or directory\n", None),
+    ("more than one line", 1, b"bwrap: x\nmore\n", None),
+]
+
+
+@unit
+@pytest.mark.parametrize(
+    ("name", "code", "stderr", "expected"), FAILURE_CASES, ids=[c[0] for c in FAILURE_CASES]
+)
+def test_classify_bwrap_failure(name: str, code: int, stderr: bytes, expected: int | None) -> None:
+    """Only bwrap's own one-line setup errors count as sandbox failures (127/126)."""
+    got = classify_bwrap_failure(code, stderr)
+    assert (got[1] if got else None) == expected
+    if got:
+        assert got[0].startswith("sandbox: ")
+        assert "bwrap" not in got[0]
+
+
+@unit
+def test_output_cap() -> None:
+    """OutputCap delivers up to the cap, splitting the chunk that crosses it, and counts all."""
+    cap = OutputCap(10)
+    assert cap.take(b"12345") == b"12345"
+    assert cap.take(b"6789AB") == b"6789A"
+    assert cap.take(b"more") == b""
+    assert (cap.delivered, cap.total, cap.truncated) == (10, 15, True)
+    exact = OutputCap(3)
+    assert exact.take(b"abc") == b"abc"
+    assert not exact.truncated
+
+
+@unit
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{\n    "child-pid": 4242\n}\n', 4242),
+        (b"", None),
+        (b"{}", None),
+        (b'{"child-pid": "1"}', None),
+        (b'{"child-pid": 0}', None),
+        (b"\xff", None),
+        (b"[1]", None),
+    ],
+)
+def test_parse_info(data: bytes, expected: int | None) -> None:
+    """Only a positive integer child-pid from bwrap's info JSON is accepted."""
+    assert parse_info(data) == expected
+
+
+@unit
+def test_plan_rlimits_with_and_without_cgroups() -> None:
+    """rlimits always cap core/nofile/fsize/cpu; nproc and AS only stand in for missing cgroups."""
+    inf = resource.RLIM_INFINITY
+    limits = Limits(nofile=100, fsize_bytes=5000, cpu_seconds=7, pids=9, memory_bytes=1 << 30)
+    full = dict(plan_rlimits(limits, {}, pids_cgroup=True, memory_cgroup=True))
+    assert full == {
+        resource.RLIMIT_CORE: (0, 0),
+        resource.RLIMIT_NOFILE: (100, 100),
+        resource.RLIMIT_FSIZE: (5000, 5000),
+        resource.RLIMIT_CPU: (7, 8),
+    }
+    bare = dict(plan_rlimits(limits, {}, pids_cgroup=False, memory_cgroup=False))
+    assert bare[resource.RLIMIT_NPROC] == (10, 10)
+    assert bare[resource.RLIMIT_AS] == (1 << 30, 1 << 30)
+    clamped = dict(
+        plan_rlimits(
+            limits,
+            {resource.RLIMIT_NOFILE: (50, 64), resource.RLIMIT_CPU: (inf, inf)},
+            pids_cgroup=True,
+            memory_cgroup=True,
+        )
+    )
+    assert clamped[resource.RLIMIT_NOFILE] == (64, 64)  # cannot raise a hard limit
+    assert clamped[resource.RLIMIT_CPU] == (7, 8)
+
+
+HYBRID_MOUNTINFO = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime shared:9 - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+V2_MOUNTINFO = (
+    "29 23 0:26 /system.slice /sys/fs/cgroup\\040x rw,nosuid shared:4 - cgroup2 cgroup2 rw\n"
+)
+
+
+@unit
+def test_parse_mountinfo() -> None:
+    """cgroup v1 mounts list their limit/helper controllers; cgroup2 mounts are found too."""
+    mounts = cg.parse_mountinfo(HYBRID_MOUNTINFO)
+    by_point = {m.mountpoint: m for m in mounts}
+    assert by_point["/sys/fs/cgroup/cpu,cpuacct"].controllers == {"cpu", "cpuacct"}
+    assert by_point["/sys/fs/cgroup/unified"].version == 2
+    assert "/sys/fs/cgroup/systemd" not in by_point  # named hierarchy, no controllers
+    (v2,) = cg.parse_mountinfo(V2_MOUNTINFO)
+    assert (v2.mountpoint, v2.root, v2.version) == ("/sys/fs/cgroup x", "/system.slice", 2)
+
+
+@unit
+def test_parse_proc_cgroup() -> None:
+    """/proc/self/cgroup maps each controller (and "" for v2) to its path."""
+    text = "4:memory:/a/b\n2:cpu,cpuacct:/\n1:name=systemd:/x\n0::/user.slice/x.service\n"
+    paths = cg.parse_proc_cgroup(text)
+    assert paths["memory"] == "/a/b"
+    assert paths["cpu"] == paths["cpuacct"] == "/"
+    assert paths[""] == "/user.slice/x.service"
+
+
+@unit
+@pytest.mark.parametrize(
+    ("root", "own", "parent", "expected"),
+    [
+        ("/", "/", "mcp-gateway", "/m/mcp-gateway"),
+        ("/", "/svc.service", "mcp-gateway", "/m/svc.service/mcp-gateway"),
+        ("/", "/svc.service", "/gw.slice/sandboxes", "/m/gw.slice/sandboxes"),
+        ("/system.slice", "/system.slice/gw.service", "x", "/m/gw.service/x"),
+        ("/system.slice", "/other/gw.service", "x", None),  # own cgroup not visible
+        ("/", "/", "../escape", None),
+        ("/", "/", "", None),
+    ],
+)
+def test_base_dir(root: str, own: str, parent: str, expected: str | None) -> None:
+    """A relative parent hangs below our own cgroup, an absolute one is hierarchy-absolute."""
+    mount = cg.CgroupMount("/m", root, 2)
+    assert cg.base_dir(mount, own, parent) == expected
+
+
+@unit
+def test_limit_files() -> None:
+    """Limits become the v2/v1 control-file writes, bwrap's 2 processes added to pids."""
+    limits = Limits(memory_bytes=1 << 26, pids=10, cpu_quota=0.5)
+    v2 = {f: v for f, v, _ in cg.v2_limit_files(limits, {"memory", "pids", "cpu"})}
+    assert v2 == {
+        "memory.max": str(1 << 26),
+        "memory.swap.max": "0",
+        "memory.oom.group": "1",
+        "pids.max": "12",
+        "cpu.max": "50000 100000",
+    }
+    assert cg.v2_limit_files(limits, set()) == []
+    memory = [f for f, _, _ in cg.v1_limit_files(limits, "memory")]
+    assert memory.index("memory.limit_in_bytes") < memory.index("memory.memsw.limit_in_bytes")
+    assert {f: v for f, v, _ in cg.v1_limit_files(limits, "cpu")} == {
+        "cpu.cfs_period_us": "100000",
+        "cpu.cfs_quota_us": "50000",
+    }
+    assert cg.v1_limit_files(limits, "freezer") == []
+
+
+@unit
+@pytest.mark.parametrize(
+    ("task_id", "safe"),
+    [("abc123", "abc123"), ("../../x", "task"), (".hidden", "task"), ("a" * 80, "task")],
+)
+def test_task_dir_name(task_id: str, safe: str) -> None:
+    """Task ids become cgroup names only when harmless; a nonce keeps reruns apart."""
+    assert cg.task_dir_name(task_id, "n0") == f"task-{safe}-n0"
+
+
+# -- construction and self-test --------------------------------------------------------------------
+
+
+@integration
+async def test_self_test_reports_details(sandbox: BwrapSandbox) -> None:
+    """The self-test passes and reports bwrap, seccomp and the cgroup mode."""
+    details = await sandbox.self_test()
+    assert details["seccomp"] == "ok"
+    assert str(details["bwrap_version"]).startswith("bubblewrap")
+    assert details["cgroups"] == sandbox.cgroups.mode
+    assert details["bwrap_setuid"] is False
+
+
+@integration
+async def test_self_test_without_cgroups(rlimits_sandbox: BwrapSandbox) -> None:
+    """With no cgroup the sandbox still works and says ``cgroups: unavailable``."""
+    details = await rlimits_sandbox.self_test()
+    assert details["cgroups"] == "unavailable"
+    assert "nproc" in str(details["rlimits"])
+
+
+@integration
+def test_refuses_missing_bwrap(tmp_path: Path) -> None:
+    """No bwrap at the configured path: construction fails closed."""
+    with pytest.raises(Unavailable):
+        BwrapSandbox(bwrap_path=str(tmp_path / "bwrap"), cgroups="off")
+
+
+@integration
+async def test_refuses_setuid_bwrap(tmp_path: Path) -> None:
+    """A setuid bwrap is refused at construction and by the self-test."""
+    copy = tmp_path / "bwrap"
+    shutil.copy2("/usr/bin/bwrap", copy)
+    sb = BwrapSandbox(bwrap_path=str(copy), cgroups="off")
+    try:
+        copy.chmod(0o4755)
+        with pytest.raises(Unavailable, match="setuid"):
+            await sb.self_test()
+        with pytest.raises(Unavailable, match="setuid"):
+            BwrapSandbox(bwrap_path=str(copy), cgroups="off")
+    finally:
+        sb.close()
+
+
+# -- ordinary runs ----------------------------------------------------------------------------
+
+
+@integration
+async def test_exit_code_and_streams(any_sandbox: BwrapSandbox, workspace: str) -> None:
+    """stdout and stderr arrive separately and the exit code is the command's."""
+    result, out = await run(any_sandbox, workspace, "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (result.exit_code, result.signal, result.error) == (3, None, None)
+    assert (out.stdout, out.stderr) == ("out\n", "err\n")
+    assert (result.stdout_bytes, result.stderr_bytes) == (4, 4)
+    assert not result.timed_out
+    assert not result.cancelled
+
+
+@integration
+async def test_stdin_is_delivered(sandbox: BwrapSandbox, workspace: str) -> None:
+    """req.stdin is the command's stdin; without it stdin is empty."""
+    data = bytes(range(256)) * 1000
+    result, out = await run(sandbox, workspace, "sha256sum", stdin=data)
+    assert result.exit_code == 0
+    import hashlib
+
+    assert out.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+    result, out = await run(sandbox, workspace, "wc", "-c")
+    assert result.exit_code == 0
+    assert out.stdout.strip() == "0"
+
+
+@integration
+async def test_environment_is_exactly_the_allowlist(sandbox: BwrapSandbox, workspace: str) -> None:
+    """The command sees PATH/HOME/LANG, bwrap's PWD and req.env, nothing of the gateway."""
+    result, out = await run(sandbox, workspace, "env", env=(("FOO", "bar baz"),))
+    assert result.exit_code == 0
+    env = dict(line.split("=", 1) for line in out.stdout.splitlines())
+    assert env == {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/workspace",
+        "LANG": "C.UTF-8",
+        "PWD": "/workspace",
+        "FOO": "bar baz",
+    }
+
+
+@integration
+async def test_cwd_and_workspace(sandbox: BwrapSandbox, workspace: str) -> None:
+    """The workspace is writable at /workspace and cwd is honoured."""
+    os.mkdir(os.path.join(workspace, "sub"))
+    result, out = await run(
+        sandbox, workspace, "sh", "-c", "pwd; echo hi > f", cwd="/workspace/sub"
+    )
+    assert result.exit_code == 0
+    assert out.stdout == "/workspace/sub\n"
+    assert Path(workspace, "sub", "f").read_text() == "hi\n"  # noqa: ASYNC240
+
+
+@integration
+async def test_missing_program_is_a_sandbox_error(
+    any_sandbox: BwrapSandbox, workspace: str
+) -> None:
+    """A program that does not exist gives exit 127 and an error, not an exception."""
+    result, _ = await run(any_sandbox, workspace, "no-such-program-xyz")
+    assert result.exit_code == 127
+    assert result.error is not None
+    assert "no-such-program-xyz" in result.error
+
+
+@integration
+async def test_bad_cwd_is_a_sandbox_error(sandbox: BwrapSandbox, workspace: str) -> None:
+    """A cwd missing inside the workspace gives exit 126 and an error."""
+    result, _ = await run(sandbox, workspace, "true", cwd="/workspace/missing")
+    assert result.exit_code == 126
+    assert result.error is not None
+    assert "/workspace/missing" in result.error
+
+
+@integration
+async def test_failing_command_is_not_an_error(sandbox: BwrapSandbox, workspace: str) -> None:
+    """A command that fails on its own is a normal result."""
+    result, _ = await run(sandbox, workspace, "false")
+    assert (result.exit_code, result.error) == (1, None)
+
+
+@integration
+async def test_signal_is_reported(sandbox: BwrapSandbox, workspace: str) -> None:
+    """A command killed by a signal has no exit code and reports the signal."""
+    result, _ = await run(sandbox, workspace, "sh", "-c", "kill -USR1 $$")
+    assert (result.exit_code, result.signal) == (None, 10)
+
+
+@integration
+async def test_invalid_request_raises(sandbox: BwrapSandbox, workspace: str) -> None:
+    """A request the validator refuses never reaches bwrap."""
+    with pytest.raises(InvalidArgument) as info:
+        await run(sandbox, workspace, "true", cwd="/etc")
+    assert info.value.field == "cwd"
+
+
+@integration
+async def test_network_only_when_granted(sandbox: BwrapSandbox, workspace: str) -> None:
+    """limits.network shares the host network (a host listener is reachable); default: not."""
+    import socket
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    code = (
+        "import socket, sys\n"
+        f"s = socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
+        "print('connected', open('/etc/resolv.conf').read() is not None)\n"
+    )
+    try:
+        denied, out = await run(sandbox, workspace, "python3", "-c", code)
+        assert denied.exit_code == 1
+        assert "ConnectionRefusedError" in out.stderr
+        granted, out = await run(
+            sandbox, workspace, "python3", "-c", code, limits=Limits(network=True)
+        )
+        assert granted.exit_code == 0, out.stderr
+        assert out.stdout == "connected True\n"
+    finally:
+        listener.close()
+
+
+@integration
+async def test_no_fd_reaches_the_command(any_sandbox: BwrapSandbox, workspace: str) -> None:
+    """Only 0-2 reach the command, even with inheritable fds open in the gateway."""
+    leak_r, leak_w = os.pipe()
+    os.set_inheritable(leak_r, True)
+    os.set_inheritable(leak_w, True)
+    try:
+        result, out = await run(any_sandbox, workspace, "ls", "-l", "/proc/self/fd")
+    finally:
+        os.close(leak_r)
+        os.close(leak_w)
+    assert result.exit_code == 0
+    fds = {line.split()[-3] for line in out.stdout.splitlines()[1:]}
+    assert fds == {"0", "1", "2", "3"}, out.stdout  # 3: the directory ls is reading
+
+
+@integration
+async def test_concurrent_runs_do_not_mix(any_sandbox: BwrapSandbox, workspace: str) -> None:
+    """Runs in parallel each get their own output and status."""
+    results = await asyncio.gather(
+        *(run(any_sandbox, workspace, "sh", "-c", f"echo {i}; exit {i}") for i in range(6))
+    )
+    for i, (result, out) in enumerate(results):
+        assert (result.exit_code, out.stdout) == (i, f"{i}\n")
+
+
+# -- placement and measurement ----------------------------------------------------------------
+
+
+@integration
+async def test_command_starts_inside_its_cgroup(sandbox: BwrapSandbox, workspace: str) -> None:
+    """The command is in the task cgroup from its first instruction (block-fd placement)."""
+    if not sandbox.cgroups.available:
+        pytest.skip("no writable cgroup hierarchy on this host")
+    result, out = await run(sandbox, workspace, "cat", "/proc/self/cgroup")
+    assert result.exit_code == 0
+    paths = cg.parse_proc_cgroup(out.stdout)
+    for controller in [*sandbox.cgroups.v1_bases, *([""] if sandbox.cgroups.v2_base else [])]:
+        assert "/task-test-" in paths[controller], (controller, out.stdout)
+
+
+@integration
+async def test_usage_is_measured(any_sandbox: BwrapSandbox, workspace: str) -> None:
+    """CPU time and peak memory of the command tree are measured, not guessed."""
+    code = (
+        "import time\nb = b'x' * (96 << 20)\nt = time.process_time()\n"
+        "while time.process_time() - t < 0.3:\n    pass\n"
+    )
+    result, out = await run(any_sandbox, workspace, "python3", "-c", code)
+    assert result.exit_code == 0, out.stderr
+    assert result.cpu_time_s >= 0.25
+    assert 96 << 20 <= result.max_rss_bytes < 512 << 20
+    assert result.wall_time_s >= 0.3
+
+
+@integration
+async def test_output_is_capped_and_memory_stays_flat(
+    sandbox: BwrapSandbox, workspace: str
+) -> None:
+    """1 GiB of output: 1 MiB delivered, all counted, the gateway's RSS barely moves."""
+
+    def rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = rss()
+    peak = before
+    delivered = 0
+
+    def sink(stream: Stream, chunk: bytes) -> None:
+        nonlocal peak, delivered
+        delivered += len(chunk)
+        peak = max(peak, rss())
+
+    limits = Limits(timeout_s=60, output_bytes=1 << 20)
+    req = SandboxRequest(
+        task_id="bomb", argv=("head", "-c", "1G", "/dev/zero"), workspace=workspace, limits=limits
+    )
+    result = await sandbox.run(req, sink, asyncio.Event())
+    peak = max(peak, rss())
+    assert result.exit_code == 0
+    assert result.stdout_bytes == 1 << 30
+    assert result.stdout_truncated
+    assert delivered == 1 << 20
+    assert peak - before < 32 << 20
+
+
+@integration
+async def test_yes_is_capped_until_timeout(sandbox: BwrapSandbox, workspace: str) -> None:
+    """An endless writer is truncated at the cap and stopped by the timeout."""
+    limits = Limits(timeout_s=1.0, output_bytes=1 << 20)
+    result, out = await run(sandbox, workspace, "yes", limits=limits)
+    assert result.timed_out
+    assert result.stdout_truncated
+    assert len(out.data["stdout"]) == 1 << 20
+    assert result.stdout_bytes > 1 << 20
+
+
+# -- timeouts and cancellation ----------------------------------------------------------------
+
+
+@integration
+async def test_timeout_kills_daemonized_children(any_sandbox: BwrapSandbox, workspace: str) -> None:
+    """After a timeout no process of the run survives, double-forked daemons included."""
+    token = "tmo-" + secrets.token_hex(6)
+    script = (
+        f"setsid sh -c 'sleep 1000; : {token}' & "
+        f"sh -c '(setsid sh -c \"sleep 1000; : {token}\" &)'; "
+        f"sleep 1000; : {token}"
+    )
+    started = time.monotonic()
+    result, _ = await run(any_sandbox, workspace, "sh", "-c", script, limits=Limits(timeout_s=1.0))
+    assert result.timed_out
+    assert result.exit_code is None
+    assert result.signal == 9
+    assert 1.0 <= time.monotonic() - started < 5.0
+    assert survivors(token) == []
+
+
+@integration
+async def test_daemons_die_with_the_command(any_sandbox: BwrapSandbox, workspace: str) -> None:
+    """A command that exits normally takes its background processes with it."""
+    token = "bg-" + secrets.token_hex(6)
+    result, _ = await run(
+        any_sandbox, workspace, "sh", "-c", f"setsid sh -c 'sleep 1000; : {token}' &"
+    )
+    assert result.exit_code == 0
+    assert not result.timed_out
+    assert survivors(token) == []
+
+
+@integration
+async def test_cancel_terminates_gracefully(any_sandbox: BwrapSandbox, workspace: str) -> None:
+    """Cancel sends SIGTERM first: a handler runs, the run ends cancelled, nothing survives."""
+    token = "cnl-" + secrets.token_hex(6)
+    cancel = asyncio.Event()
+    out = Collected()
+    script = f"trap 'echo got TERM; exit 0' TERM; (sleep 1000; : {token}) & echo ready; wait"
+
+    def on_output(stream: Stream, chunk: bytes) -> None:
+        out(stream, chunk)
+        if b"ready" in chunk:
+            cancel.set()
+
+    req = SandboxRequest(
+        task_id="cancel", argv=("sh", "-c", script), workspace=workspace, limits=LIMITS
+    )
+    started = time.monotonic()
+    result = await any_sandbox.run(req, on_output, cancel)
+    assert result.cancelled
+    assert not result.timed_out
+    assert "got TERM" in out.stdout
+    assert time.monotonic() - started < any_sandbox.kill_grace_s
+    assert survivors(token) == []
+
+
+@integration
+async def test_cancel_kills_after_grace(workspace: str) -> None:
+    """A command ignoring SIGTERM is SIGKILLed after the grace period."""
+    sb = BwrapSandbox(cgroup_parent=f"mcp-grace-test-{os.getpid()}", kill_grace_s=0.3)
+    try:
+        token = "grace-" + secrets.token_hex(6)
+        cancel = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, cancel.set)
+        started = time.monotonic()
+        result, _ = await run(
+            sb, workspace, "sh", "-c", f"trap '' TERM; sleep 1000; : {token}", cancel=cancel
+        )
+        assert result.cancelled
+        assert result.signal == 9
+        assert 0.55 <= time.monotonic() - started < 3.0
+        assert survivors(token) == []
+    finally:
+        sb.close()
+
+
+@integration
+async def test_cancel_before_start(sandbox: BwrapSandbox, workspace: str) -> None:
+    """An already-set cancel event runs nothing."""
+    cancel = asyncio.Event()
+    cancel.set()
+    result, out = await run(sandbox, workspace, "touch", "/workspace/ran", cancel=cancel)
+    assert result.cancelled
+    assert out.calls == 0
+    assert not os.path.exists(os.path.join(workspace, "ran"))  # noqa: ASYNC240
+
+
+@integration
+async def test_cancelling_the_coroutine_cleans_up(
+    any_sandbox: BwrapSandbox, workspace: str
+) -> None:
+    """If the caller's task is cancelled, the run still kills everything it started."""
+    token = "task-" + secrets.token_hex(6)
+    task = asyncio.ensure_future(
+        run(any_sandbox, workspace, "sh", "-c", f"(sleep 1000; : {token}) & sleep 1000; : {token}")
+    )
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert survivors(token) == []
+
+
+@integration
+async def test_callback_error_propagates_after_cleanup(
+    sandbox: BwrapSandbox, workspace: str
+) -> None:
+    """An exception from on_output is re-raised once the run is over and cleaned up."""
+    token = "cb-" + secrets.token_hex(6)
+
+    def broken(stream: Stream, chunk: bytes) -> None:
+        raise RuntimeError("consumer broke")
+
+    req = SandboxRequest(
+        task_id="cb",
+        argv=("sh", "-c", f"echo hi; sleep 0.2; : {token}"),
+        workspace=workspace,
+        limits=LIMITS,
+    )
+    with pytest.raises(RuntimeError, match="consumer broke"):
+        await sandbox.run(req, broken, asyncio.Event())
+    assert survivors(token) == []
+
+
+# -- cgroups on this host ---------------------------------------------------------------------
+
+
+def _requested_modes() -> list[cg.Requested]:
+    return ["v1", "v2"]
+
+
+@integration
+@pytest.mark.parametrize("requested", _requested_modes())
+def test_cgroup_lifecycle(requested: cg.Requested) -> None:
+    """A task cgroup gets its limits, holds a process, measures it, kills it and goes away."""
+    manager = cg.CgroupManager.detect(f"mcp-cg-test-{os.getpid()}", requested)
+    if not manager.available:
+        pytest.skip(f"no writable cgroup {requested} hierarchy here: {manager.notes}")
+    try:
+        limits = Limits(memory_bytes=64 << 20, pids=7, cpu_quota=0.5)
+        task = manager.create("lifecycle", limits)
+        if "memory" in task.v1_dirs:
+            path = os.path.join(task.v1_dirs["memory"], "memory.limit_in_bytes")
+            assert Path(path).read_text().strip() == str(64 << 20)
+        if "pids" in task.v1_dirs:
+            assert Path(task.v1_dirs["pids"], "pids.max").read_text().strip() == "9"
+        if "pids" in manager.v2_controllers and task.v2_dir:
+            assert Path(task.v2_dir, "pids.max").read_text().strip() == "9"
+        sleeper = subprocess.Popen(["sleep", "1000"])
+        try:
+            task.attach(sleeper.pid)
+            assert task.procs() == [sleeper.pid]
+            usage = task.usage()
+            assert usage.cpu_time_s is not None
+            assert usage.cpu_time_s >= 0
+            assert task.kill(timeout_s=5)
+            assert sleeper.wait(timeout=5) == -9
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+        task.remove()
+        assert not any(os.path.exists(d) for d in task.dirs)
+    finally:
+        manager.close()
+    assert not any(os.path.exists(d) for d in manager.created)
+
+
+@integration
+def test_cgroup_kill_catches_forks(tmp_path: Path) -> None:
+    """kill() empties a cgroup whose members keep forking."""
+    manager = cg.CgroupManager.detect(f"mcp-cg-fork-{os.getpid()}")
+    if not manager.available:
+        pytest.skip("no writable cgroup hierarchy here")
+    try:
+        task = manager.create("forker", Limits(pids=200))
+        forker = subprocess.Popen(["sh", "-c", "while :; do sleep 1000 & done"])
+        try:
+            task.attach(forker.pid)
+            time.sleep(0.2)
+            assert len(task.procs()) > 1
+            assert task.kill(timeout_s=5)
+            assert task.procs() == []
+        finally:
+            forker.kill()
+            forker.wait()
+        task.remove()
+    finally:
+        manager.close()
+
+
+@integration
+def test_cgroups_off_and_unusable_hosts() -> None:
+    """Disabled or absent cgroups give mode ``unavailable`` with a reason, never an error."""
+    off = cg.CgroupManager.detect(requested="off")
+    assert off.mode == "unavailable"
+    assert off.notes
+    none = cg.CgroupManager.detect(
+        mountinfo="1 0 0:1 / / rw - ext4 /dev/x rw\n", proc_cgroup="0::/\n"
+    )
+    assert none.mode == "unavailable"
+    assert none.kill_method == "none"
+    with pytest.raises(OSError):
+        none.create("x", Limits())
+
+
+@integration
+def test_permissions_of_private_dev_nodes(sandbox: BwrapSandbox) -> None:
+    """As root the sandbox's device nodes are private copies owned by nobody."""
+    if sandbox.dev_dir is None:
+        pytest.skip("the gateway is not root: host device nodes are not owned by the sandbox")
+    assert stat.S_IMODE(os.stat(sandbox.dev_dir).st_mode) == 0o700
+    null = os.stat(os.path.join(sandbox.dev_dir, "null"))
+    assert stat.S_ISCHR(null.st_mode)
+    assert null.st_uid == 65534
+    assert null.st_rdev == os.stat("/dev/null").st_rdev

@@ -1,0 +1,135 @@
+"""The escape battery of ``escape_cases`` run directly through :class:`BwrapSandbox`."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.models import Limits, SandboxRequest, Stream
+from gateway.sandbox import BwrapSandbox
+from tests.integration.escape_cases import ESCAPE_CASES, EscapeCase, HostContext, Outcome, Runner
+
+pytestmark = pytest.mark.integration
+
+# Small, fast defaults; cases override what they test.
+BASE_LIMITS = Limits(timeout_s=20.0, memory_bytes=256 << 20, pids=64, output_bytes=1 << 20)
+SECRET_ENV = "MCP_ESCAPE_TEST_SECRET"
+
+
+@pytest.fixture(scope="module", params=["auto", "off"], ids=["cgroups", "rlimits-only"])
+def sandbox(request: pytest.FixtureRequest) -> Iterator[BwrapSandbox]:
+    sb = BwrapSandbox(cgroup_parent=f"mcp-escape-test-{os.getpid()}", cgroups=request.param)
+    yield sb
+    sb.close()
+
+
+@pytest.fixture
+def host_context(
+    tmp_path: Path, sandbox: BwrapSandbox, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[HostContext]:
+    secret = "s3cret-" + secrets.token_hex(8)
+    monkeypatch.setenv(SECRET_ENV, secret)
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    other = tmp_path / "other-subject"
+    other.mkdir()
+    (other / "secret.txt").write_text(secret)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(8)
+    abstract_name = "mcp-escape-" + secrets.token_hex(6)
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind("\0" + abstract_name)
+    unix.listen(8)
+    listeners = (tcp, unix)
+
+    def connections() -> int:
+        count = 0
+        for sock in listeners:
+            sock.setblocking(False)
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                count += 1
+        return count
+
+    yield HostContext(
+        token="escape-token-" + secrets.token_hex(8),
+        secret=secret,
+        secret_env=SECRET_ENV,
+        workspace=str(workspace),
+        other_workspace=str(other),
+        host_port=tcp.getsockname()[1],
+        abstract_name=abstract_name,
+        connections=connections,
+        cgroup_controllers=sandbox.cgroups.controllers,
+        gateway_is_root=os.geteuid() == 0,
+    )
+    for sock in listeners:
+        sock.close()
+
+
+@pytest.fixture
+def runner(sandbox: BwrapSandbox) -> Runner:
+    """Runs one case in the sandbox; the REST flavour posts the same request instead."""
+
+    async def run(case: EscapeCase, ctx: HostContext) -> Outcome:
+        limits = dataclasses.replace(BASE_LIMITS, **case.limits)  # type: ignore[arg-type]
+        req = SandboxRequest(
+            task_id=f"escape-{case.name}",
+            argv=tuple(ctx.fill(arg) for arg in case.argv),
+            workspace=ctx.workspace,
+            stdin=case.stdin,
+            limits=limits,
+        )
+        out = {"stdout": bytearray(), "stderr": bytearray()}
+
+        def collect(stream: Stream, data: bytes) -> None:
+            out[stream].extend(data)
+
+        cancel = asyncio.Event()
+        if case.cancel_after_s is not None:
+            asyncio.get_running_loop().call_later(case.cancel_after_s, cancel.set)
+        result = await sandbox.run(req, collect, cancel)
+        return Outcome(
+            exit_code=result.exit_code,
+            signal=result.signal,
+            stdout=bytes(out["stdout"]),
+            stderr=bytes(out["stderr"]),
+            timed_out=result.timed_out,
+            cancelled=result.cancelled,
+            stdout_bytes=result.stdout_bytes,
+            stdout_truncated=result.stdout_truncated,
+            error=result.error,
+        )
+
+    return run
+
+
+def test_battery_is_large_and_unique() -> None:
+    """The battery has at least 30 distinct attempts."""
+    names = [case.name for case in ESCAPE_CASES]
+    assert len(names) >= 30
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("case", ESCAPE_CASES, ids=lambda case: case.name)
+async def test_escape_is_contained(
+    case: EscapeCase, runner: Runner, host_context: HostContext
+) -> None:
+    """Each escape attempt of the battery is contained (see the case's check)."""
+    outcome = await runner(case, host_context)
+    assert outcome.error is None, str(outcome)
+    case.check(outcome, host_context)
+    if case.after is not None:
+        case.after(host_context)
