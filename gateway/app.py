@@ -42,7 +42,7 @@ def make_policy(config: Config) -> PolicyEngine:
     return EmbeddedEngine(config.policy.dir, timeout_s=config.policy.timeout_s)
 
 
-def make_sandbox(config: Config) -> Sandbox:
+def make_sandbox(config: Config) -> BwrapSandbox:
     return BwrapSandbox(
         bwrap_path=str(config.sandbox.bwrap),
         cgroup_parent=config.sandbox.cgroup_parent,
@@ -63,7 +63,12 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
     )
     store = SqliteTaskStore(config.state_dir / "tasks.db")
     policy = parts.policy or make_policy(config)
-    sandbox = parts.sandbox or make_sandbox(config)
+    owned_sandbox: BwrapSandbox | None = None
+    sandbox: Sandbox
+    if parts.sandbox is None:
+        sandbox = owned_sandbox = make_sandbox(config)
+    else:
+        sandbox = parts.sandbox
     workspaces = Workspaces(
         config.state_dir / "workspaces",
         max_read_bytes=config.files.max_read_bytes,
@@ -101,6 +106,8 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
             await audit.write("gateway.stopped", {})
         await policy.close()
         store.close()
+        if owned_sandbox is not None:
+            owned_sandbox.close()
         await audit.close()
 
 

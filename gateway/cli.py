@@ -117,8 +117,13 @@ def _exec(args: argparse.Namespace) -> int:
             task_id = task["task_id"]
             loop = asyncio.get_running_loop()
 
+            pending: set[asyncio.Task[Any]] = set()
+
             def on_signal() -> None:
-                asyncio.ensure_future(client.cancel(task_id))
+                # Ctrl-C cancels the remote task; its end then closes the stream.
+                cancel = asyncio.ensure_future(client.cancel(task_id))
+                pending.add(cancel)
+                cancel.add_done_callback(pending.discard)
 
             loop.add_signal_handler(signal.SIGINT, on_signal)
             end: dict[str, Any] = {}
@@ -172,9 +177,7 @@ def _files(args: argparse.Namespace) -> int:
             if args.action == "get":
                 sys.stdout.buffer.write(await client.read_file(args.path))
             elif args.action == "put":
-                data = (
-                    Path(args.source).read_bytes() if args.source else sys.stdin.buffer.read()
-                )
+                data = await asyncio.to_thread(_read_source, args.source)
                 await client.write_file(
                     args.path, data, mode=int(args.mode, 8), create_dirs=args.create_dirs
                 )
@@ -187,6 +190,10 @@ def _files(args: argparse.Namespace) -> int:
             return 0
 
     return asyncio.run(run())
+
+
+def _read_source(source: str | None) -> bytes:
+    return Path(source).read_bytes() if source else sys.stdin.buffer.read()
 
 
 def _audit(args: argparse.Namespace) -> int:

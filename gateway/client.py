@@ -213,7 +213,7 @@ class Client:
         return self._loop.run_until_complete(self._async.wait(task_id))
 
     def stream_output(self, task_id: str) -> Iterator[dict[str, Any]]:
-        agen = self._async.stream_output(task_id)
+        agen = aiter(self._async.stream_output(task_id))
         try:
             while True:
                 try:
@@ -221,7 +221,9 @@ class Client:
                 except StopAsyncIteration:
                     return
         finally:
-            self._loop.run_until_complete(agen.aclose())
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                self._loop.run_until_complete(aclose())
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         return self._loop.run_until_complete(self._async.cancel(task_id))

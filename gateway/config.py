@@ -34,7 +34,7 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8081
     max_body_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
-    public_paths: tuple[str, ...] = ("/health", "/metrics")
+    public_paths: tuple[str, ...] = ("/health", "/ready", "/metrics")
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
 
 

@@ -37,6 +37,8 @@ log = structlog.get_logger("gateway.rest")
 GATEWAY = web.AppKey("gateway", Gateway)
 AUTH = web.AppKey("auth", TokenAuthenticator)
 PUBLIC = web.AppKey("public_paths", frozenset)
+CTX = web.RequestKey("ctx", RequestContext)
+SUBJECT = web.RequestKey("subject", Subject)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -46,13 +48,11 @@ _AUDITED_REJECTIONS = (InvalidArgument, PayloadTooLarge, Unauthenticated, Resour
 
 
 def _ctx(request: web.Request) -> RequestContext:
-    ctx = request.get("ctx")
-    assert isinstance(ctx, RequestContext)  # noqa: S101 - set by the middleware
-    return ctx
+    return request[CTX]
 
 
 def _subject(request: web.Request) -> Subject:
-    subject = request.get("subject")
+    subject = request.get(SUBJECT)
     if not isinstance(subject, Subject):
         raise Unauthenticated("authentication required")
     return subject
@@ -75,20 +75,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     gateway = request.app[GATEWAY]
     source = request.remote or ""
     ctx = RequestContext(transport="rest", source=source)
-    request["ctx"] = ctx
+    request[CTX] = ctx
     route = request.match_info.route.name or "unmatched"
     code = "OK"
     try:
         if request.path not in request.app[PUBLIC]:
-            request["subject"] = request.app[AUTH].authenticate(
-                request.headers.get("Authorization")
-            )
+            request[SUBJECT] = request.app[AUTH].authenticate(request.headers.get("Authorization"))
         response = await handler(request)
     except McpError as exc:
         code = str(exc.code)
         if isinstance(exc, _AUDITED_REJECTIONS):
             with contextlib.suppress(McpError):
-                await gateway.reject(request.get("subject"), ctx, exc)
+                await gateway.reject(request.get(SUBJECT), ctx, exc)
         return _error_response(exc, ctx.request_id)
     except web.HTTPRequestEntityTooLarge:
         code = "PAYLOAD_TOO_LARGE"
@@ -97,7 +95,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             field="body",
         )
         with contextlib.suppress(McpError):
-            await gateway.reject(request.get("subject"), ctx, exc2)
+            await gateway.reject(request.get(SUBJECT), ctx, exc2)
         return _error_response(exc2, ctx.request_id)
     except web.HTTPNotFound:
         code = "NOT_FOUND"
@@ -105,8 +103,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPMethodNotAllowed as exc:
         code = "METHOD_NOT_ALLOWED"
         return web.json_response(
-            {"error": {"code": "METHOD_NOT_ALLOWED", "message": f"{request.method} not allowed",
-                       "allowed": sorted(exc.allowed_methods)}},
+            {
+                "error": {
+                    "code": "METHOD_NOT_ALLOWED",
+                    "message": f"{request.method} not allowed",
+                    "allowed": sorted(exc.allowed_methods),
+                }
+            },
             status=405,
         )
     except web.HTTPException:
@@ -115,8 +118,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = "INTERNAL"
         log.exception("unhandled error", request_id=ctx.request_id)
         return web.json_response(
-            {"error": {"code": "INTERNAL", "message": "internal error",
-                       "request_id": ctx.request_id}},
+            {
+                "error": {
+                    "code": "INTERNAL",
+                    "message": "internal error",
+                    "request_id": ctx.request_id,
+                }
+            },
             status=500,
         )
     finally:
@@ -199,8 +207,9 @@ async def task_status(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     task_id = parse_task_id(request.match_info["task_id"])
     record = await gateway.task(_subject(request), task_id, _ctx(request))
-    return web.json_response(task_view(record, with_output=parse_bool(
-        request.query.get("output"), "output")))
+    return web.json_response(
+        task_view(record, with_output=parse_bool(request.query.get("output"), "output"))
+    )
 
 
 async def task_output(request: web.Request) -> web.StreamResponse:
@@ -212,7 +221,9 @@ async def task_output(request: web.Request) -> web.StreamResponse:
     chunks = await gateway.output(_subject(request), task_id, _ctx(request))
     response = web.StreamResponse(
         headers={
-            "Content-Type": "application/x-ndjson" if fmt == "ndjson" else "application/octet-stream",
+            "Content-Type": "application/x-ndjson"
+            if fmt == "ndjson"
+            else "application/octet-stream",
             "X-Request-Id": _ctx(request).request_id,
             "Cache-Control": "no-store",
         }
@@ -223,7 +234,7 @@ async def task_output(request: web.Request) -> web.StreamResponse:
             if fmt == "raw":
                 await response.write(chunk.data)
                 continue
-            line = {"stream": chunk.stream, "offset": chunk.offset}
+            line: dict[str, object] = {"stream": chunk.stream, "offset": chunk.offset}
             line.update(_output_fields(chunk.data, "data"))
             await response.write(json.dumps(line).encode() + b"\n")
         if fmt == "ndjson":
@@ -249,10 +260,16 @@ async def file_get(request: web.Request) -> web.StreamResponse:
     subject, ctx = _subject(request), _ctx(request)
     if path == "" or parse_bool(request.query.get("list"), "list"):
         entries = await gateway.list_files(subject, path, ctx)
-        return web.json_response({"path": path, "entries": [entry_view(e) for e in entries]})
+        return web.json_response(
+            {
+                "path": path,
+                "entries": [entry_view(e) for e in entries],
+                "truncated": entries.truncated,
+            }
+        )
     if parse_bool(request.query.get("stat"), "stat"):
         return web.json_response(entry_view(await gateway.stat_file(subject, path, ctx)))
-    offset = _int_query(request, "offset", 0)
+    offset = _int_query(request, "offset", 0) or 0
     length = _int_query(request, "length", None)
     data = await gateway.read_file(subject, path, ctx, offset=offset, length=length)
     return web.Response(body=data, content_type="application/octet-stream")

@@ -126,9 +126,7 @@ def _stdin(parsed: ExecuteBody, limit: int) -> bytes | None:
         try:
             data = base64.b64decode(parsed.stdin_base64, validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidArgument(
-                "stdin_base64: not valid base64", field="stdin_base64"
-            ) from None
+            raise InvalidArgument("stdin_base64: not valid base64", field="stdin_base64") from None
     if data is not None and len(data) > limit:
         raise InvalidArgument(f"stdin: at most {limit} bytes", field="stdin")
     return data

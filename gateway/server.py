@@ -31,8 +31,9 @@ async def serve(config: Config, parts: Components | None = None) -> int:
     try:
         await site.start()
     except OSError as exc:
-        log.error("cannot listen", host=config.server.host, port=config.server.port,
-                  error=exc.strerror)
+        log.error(
+            "cannot listen", host=config.server.host, port=config.server.port, error=exc.strerror
+        )
         await runner.cleanup()
         return 1
     log.info("gateway listening", host=config.server.host, port=config.server.port)

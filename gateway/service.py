@@ -28,7 +28,7 @@ from gateway.policy import PolicyEngine, build_policy_input
 from gateway.sandbox import Sandbox
 from gateway.store import TaskRecord
 from gateway.tasks import OutputChunk, TaskManager
-from gateway.workspace import FileEntry, Workspaces
+from gateway.workspace import FileEntry, Listing, Workspaces
 
 log = structlog.get_logger("gateway.service")
 
@@ -226,7 +226,12 @@ class Gateway:
     # -- files -----------------------------------------------------------------------
 
     async def read_file(
-        self, subject: Subject, path: str, ctx: RequestContext, *, offset: int = 0,
+        self,
+        subject: Subject,
+        path: str,
+        ctx: RequestContext,
+        *,
+        offset: int = 0,
         length: int | None = None,
     ) -> bytes:
         await self.decide("file.read", subject, ctx, file_path=path)
@@ -238,7 +243,7 @@ class Gateway:
         await self.decide("file.read", subject, ctx, file_path=path)
         return await asyncio.to_thread(self.workspaces.stat, subject.id, path)
 
-    async def list_files(self, subject: Subject, path: str, ctx: RequestContext) -> list[FileEntry]:
+    async def list_files(self, subject: Subject, path: str, ctx: RequestContext) -> Listing:
         await self.decide("file.list", subject, ctx, file_path=path)
         return await asyncio.to_thread(self.workspaces.list, subject.id, path)
 
@@ -269,8 +274,12 @@ class Gateway:
         await asyncio.to_thread(self.workspaces.delete, subject.id, path, recursive=recursive)
         await self._audit_or_unavailable(
             "file.deleted",
-            {"subject": subject.id, "request_id": ctx.request_id, "path": path,
-             "recursive": recursive},
+            {
+                "subject": subject.id,
+                "request_id": ctx.request_id,
+                "path": path,
+                "recursive": recursive,
+            },
         )
 
     # -- readiness -----------------------------------------------------------------

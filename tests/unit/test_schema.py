@@ -96,6 +96,7 @@ def test_arbitrary_strings_are_accepted_or_named(body: dict[str, Any]) -> None:
     try:
         spec, _ = parse(body)
     except InvalidArgument as exc:
+        assert exc.field is not None
         assert exc.field in {"command", "args"} or exc.field.startswith("args[")
     else:
         assert "\x00" not in "".join(spec.argv)

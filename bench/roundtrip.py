@@ -1,0 +1,209 @@
+"""Gateway round trip and throughput against a bare bwrap spawn, measured in one run.
+
+Prints p50/p95 of a bare ``bwrap`` spawn with the gateway's own flags (same
+argv builder, seccomp filter and synthetic /etc files) next to
+``POST /v1/commands`` with ``wait`` for ``echo``, their ratio, sustained
+tasks/s at concurrency 16 against a raw bwrap loop, and the gateway's RSS
+while 1 GiB of output streams through a capped task.
+
+Run with ``make bench`` (``python -m bench.roundtrip --help`` for knobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+
+from gateway import bwrap as bw
+from gateway.models import Limits, SandboxRequest
+from gateway.seccomp import seccomp_fd
+from tests.conftest import USERS, make_config
+from tests.integration.gateway_proc import GatewayProcess
+
+TOKEN = USERS["alice"][0]
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, 0)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+async def bare_spawn(workspace: str, layout: bw.HostLayout) -> None:
+    """One bwrap run of ``echo hello`` with the gateway's flags, output read."""
+    req = SandboxRequest(
+        task_id="0" * 32, argv=("echo", "hello"), workspace=workspace, limits=Limits()
+    )
+    fds = [
+        seccomp_fd(),
+        _memfd("passwd", bw.synthetic_passwd()),
+        _memfd("group", bw.synthetic_group()),
+    ]
+    argv = bw.build_bwrap_argv(
+        req,
+        bwrap_path="/usr/bin/bwrap",
+        seccomp_fd=fds[0],
+        passwd_fd=fds[1],
+        group_fd=fds[2],
+        layout=layout,
+    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            pass_fds=fds,
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0 and out == b"hello\n", (proc.returncode, out)
+
+
+async def gateway_echo(session: aiohttp.ClientSession, url: str) -> None:
+    async with session.post(
+        url + "/v1/commands",
+        json={"command": "echo", "args": ["hello"], "wait": True},
+    ) as resp:
+        body = await resp.json()
+        assert resp.status == 200 and body["stdout"] == "hello\n", body
+
+
+async def latencies(fn: Callable[[], Awaitable[None]], n: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        await fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def throughput(fn: Callable[[], Awaitable[None]], total: int, concurrency: int) -> float:
+    remaining = total
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await fn()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return total / (time.perf_counter() - t0)
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def output_flood(
+    session: aiohttp.ClientSession, url: str, pid: int
+) -> tuple[int, int, dict[str, object]]:
+    """Stream 1 GiB through a capped task; return (RSS before, peak RSS during) in KiB."""
+    before = rss_kib(pid)
+    peak = before
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, rss_kib(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        async with session.post(
+            url + "/v1/commands",
+            json={
+                "command": "head",
+                "args": ["-c", "1073741824", "/dev/zero"],
+                "wait": True,
+                "timeout": 300,
+            },
+        ) as resp:
+            body = await resp.json()
+    finally:
+        stop.set()
+        sampler.join()
+    return before, peak, body
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="mcp-bench-") as tmp:
+        tmpdir = Path(tmp)
+        workspace = tmpdir / "ws"
+        workspace.mkdir()
+        state = tmpdir / "state"
+        state.mkdir()
+        layout = bw.HostLayout.probe()
+        config = make_config(
+            state,
+            tasks={"max_concurrent": args.concurrency, "max_queue": 1024, "retention_s": 3600},
+        )
+        gw = GatewayProcess(config, tmpdir)
+        gw.start()
+        assert gw.proc is not None
+        try:
+            async with aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                connector=aiohttp.TCPConnector(limit=args.concurrency * 2),
+            ) as session:
+                bare = lambda: bare_spawn(str(workspace), layout)  # noqa: E731
+                echo = lambda: gateway_echo(session, gw.url)  # noqa: E731
+                # Interleave the two series so machine noise hits both alike.
+                bare_lat: list[float] = []
+                gw_lat: list[float] = []
+                for _ in range(args.rounds):
+                    bare_lat += await latencies(bare, args.n // args.rounds, 3)
+                    gw_lat += await latencies(echo, args.n // args.rounds, 3)
+                raw_tps = await throughput(bare, args.total, args.concurrency)
+                gw_tps = await throughput(echo, args.total, args.concurrency)
+                before, peak, flood = await output_flood(session, gw.url, gw.proc.pid)
+        finally:
+            gw.stop()
+
+    b50, b95, g50, g95 = pct(bare_lat, 50), pct(bare_lat, 95), pct(gw_lat, 50), pct(gw_lat, 95)
+    print(f"bare bwrap spawn        p50 {b50:7.2f} ms   p95 {b95:7.2f} ms   (n={len(bare_lat)})")
+    print(f"REST exec echo (wait)   p50 {g50:7.2f} ms   p95 {g95:7.2f} ms   (n={len(gw_lat)})")
+    print(
+        f"ratio REST/bare         p50 {g50 / b50:5.2f}x      p95 {g95 / b95:5.2f}x"
+        "   (target p50 <= 1.30x)"
+    )
+    print(f"raw bwrap loop          {raw_tps:7.1f} tasks/s at concurrency {args.concurrency}")
+    print(f"gateway REST            {gw_tps:7.1f} tasks/s at concurrency {args.concurrency}")
+    print(f"ratio throughput        {gw_tps / raw_tps:5.2f}x   (target >= 0.70x)")
+    print(
+        f"1 GiB output flood      gateway RSS {before / 1024:.1f} MiB before, "
+        f"{peak / 1024:.1f} MiB peak (target < 150 MiB); task {flood.get('state')}, "
+        f"stdout_bytes={flood.get('stdout_bytes')}, truncated={flood.get('stdout_truncated')}"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=200, help="sequential samples per series")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
+    parser.add_argument("--total", type=int, default=320, help="tasks per throughput run")
+    parser.add_argument("--concurrency", type=int, default=16)
+    asyncio.run(main(parser.parse_args()))

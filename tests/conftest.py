@@ -1,0 +1,54 @@
+"""Shared fixtures: a real gateway (real bwrap, seccomp, policy, SQLite, audit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway import config as config_mod
+from gateway.config import hash_token
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = ROOT / "policies"
+
+# subject -> (token, roles)
+USERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "alice": ("alice-token", ("developer",)),
+    "bob": ("bob-token", ("developer",)),
+    "root-admin": ("admin-token", ("admin",)),
+    "reader": ("reader-token", ("readonly",)),
+    "agent": ("agent-token", ("agent",)),
+}
+
+
+def make_config(state_dir: Path, **overrides: object) -> config_mod.Config:
+    """A test config: loopback, ephemeral port, real policies, state in ``state_dir``."""
+    doc: dict[str, object] = {
+        "state_dir": str(state_dir),
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 2},
+        "auth": {
+            "tokens": [
+                {"subject": name, "roles": list(roles), "sha256": hash_token(token)}
+                for name, (token, roles) in USERS.items()
+            ]
+        },
+        "policy": {"engine": "embedded", "dir": str(POLICIES)},
+        "sandbox": {"cgroup_parent": f"mcp-gateway-test-{state_dir.name}"[:60]},
+        "tasks": {"max_concurrent": 4, "max_queue": 8, "retention_s": 3600},
+        "audit": {"redact": ["(?i)password=\\S+"]},
+    }
+    for key, value in overrides.items():
+        section = doc.setdefault(key, {})
+        if isinstance(section, dict) and isinstance(value, dict):
+            section.update(value)
+        else:
+            doc[key] = value
+    return config_mod.parse(doc, env={})
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
