@@ -16,7 +16,7 @@ PYTEST     := $(BIN)/pytest
 run: sysdeps venv
 	$(BIN)/mcp-gateway serve --config $(CONFIG)
 
-test: sysdeps venv lint
+test: sysdeps venv lint policy-check
 	$(PYTEST) -q tests/unit tests/integration
 
 test-unit: venv
@@ -48,7 +48,6 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Debian packages: installed when running as root, otherwise explained.
-SYSDEPS_BIN := bwrap
 sysdeps:
 	@missing=""; \
 	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
@@ -66,3 +65,34 @@ sysdeps:
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache
+
+# --- Policy (Rego) checks -------------------------------------------------
+# OPA is built from source through the Go module proxy, pinned, into
+# $(TOOLS)/bin; the first build takes one to a few minutes on 2 cores.  The
+# stamp names the version, so changing OPA_VERSION rebuilds.
+OPA_VERSION  := v1.22.2
+OPA          := $(TOOLS)/bin/opa
+OPA_STAMP    := $(TOOLS)/.opa-$(OPA_VERSION)
+GO           ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+POLICY_DIR   := policies
+POLICY_MIN_COVERAGE := 95
+
+.PHONY: opa policy-check
+
+opa: $(OPA_STAMP)
+
+$(OPA_STAMP):
+	@mkdir -p $(TOOLS)/bin
+	GOBIN=$(abspath $(TOOLS))/bin GOFLAGS=-mod=mod $(GO) install \
+	  github.com/open-policy-agent/opa@$(OPA_VERSION)
+	@$(OPA) version | head -1
+	touch $@
+
+policy-check: $(OPA_STAMP) venv
+	$(OPA) fmt --list --fail $(POLICY_DIR)
+	$(OPA) check --strict $(POLICY_DIR)
+	@$(OPA) test --coverage --format=json $(POLICY_DIR) > $(TOOLS)/policy-coverage.json || \
+	  { $(OPA) test --verbose $(POLICY_DIR); exit 1; }
+	@$(BIN)/python -c 'import json,sys; c=json.load(open(sys.argv[1]))["coverage"]; \
+	  m=float(sys.argv[2]); print(f"policy tests passed; coverage {c:.2f}% (minimum {m:g}%)"); \
+	  sys.exit(c < m)' $(TOOLS)/policy-coverage.json $(POLICY_MIN_COVERAGE)
