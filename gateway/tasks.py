@@ -209,8 +209,16 @@ class TaskManager:
         record.started_at = self._clock()
         self._store.put(record)
         live.wake()
-        await self._audit.write("task.running", {"task_id": record.id, "owner": record.owner})
-        result = await self._sandbox.run(live.request, live.append, live.cancel)
+        # The decision record is already on disk; the RUNNING record is written
+        # while the sandbox starts (the audit lock keeps it ahead of the final
+        # record) and is awaited before the result is reported.
+        running = asyncio.create_task(
+            self._audit.write("task.running", {"task_id": record.id, "owner": record.owner})
+        )
+        try:
+            result = await self._sandbox.run(live.request, live.append, live.cancel)
+        finally:
+            await running
         if result.error is not None:
             self._metrics.sandbox_failures.inc()
         return result
