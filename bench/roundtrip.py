@@ -24,7 +24,9 @@ from pathlib import Path
 import aiohttp
 
 from gateway import bwrap as bw
-from gateway.models import Limits, SandboxRequest
+from gateway.models import CommandSpec, Limits, SandboxRequest, Subject
+from gateway.policy import EmbeddedEngine, build_policy_input
+from gateway.sandbox import BwrapSandbox
 from gateway.seccomp import seccomp_fd
 from tests.conftest import USERS, make_config
 from tests.integration.gateway_proc import GatewayProcess
@@ -78,6 +80,41 @@ async def gateway_echo(session: aiohttp.ClientSession, url: str) -> None:
     ) as resp:
         body = await resp.json()
         assert resp.status == 200 and body["stdout"] == "hello\n", body
+
+
+async def sandbox_run(sandbox: BwrapSandbox, workspace: str) -> None:
+    """The gateway's sandbox alone (cgroup placement, rlimits, reaping), no API."""
+    req = SandboxRequest(
+        task_id=os.urandom(16).hex(), argv=("echo", "hello"), workspace=workspace, limits=Limits()
+    )
+    result = await sandbox.run(req, lambda _s, _d: None, asyncio.Event())
+    assert result.exit_code == 0, result
+
+
+async def breakdown(workspace: str, n: int) -> dict[str, list[float]]:
+    """Where the round trip goes: the sandbox alone and one policy decision."""
+    sandbox = BwrapSandbox(cgroup_parent=f"mcp-bench-{os.getpid()}")
+    engine = EmbeddedEngine(Path(__file__).parents[1] / "policies", timeout_s=1.0)
+    doc = build_policy_input(
+        "command.execute",
+        Subject("alice", ("developer",)),
+        request_id="bench",
+        transport="rest",
+        source="127.0.0.1",
+        command=CommandSpec("echo", ("hello",)),
+    )
+
+    async def decide() -> None:
+        assert (await engine.decide(doc)).allow
+
+    try:
+        return {
+            "sandbox": await latencies(lambda: sandbox_run(sandbox, workspace), n, 3),
+            "policy": await latencies(decide, n, 3),
+        }
+    finally:
+        sandbox.close()
+        await engine.close()
 
 
 async def latencies(fn: Callable[[], Awaitable[None]], n: int, warmup: int) -> list[float]:
@@ -182,6 +219,7 @@ async def main(args: argparse.Namespace) -> None:
                 before, peak, flood = await output_flood(session, gw.url, gw.proc.pid)
         finally:
             gw.stop()
+        parts = await breakdown(str(workspace), args.n // 2)
 
     b50, b95, g50, g95 = pct(bare_lat, 50), pct(bare_lat, 95), pct(gw_lat, 50), pct(gw_lat, 95)
     print(f"bare bwrap spawn        p50 {b50:7.2f} ms   p95 {b95:7.2f} ms   (n={len(bare_lat)})")
@@ -189,6 +227,11 @@ async def main(args: argparse.Namespace) -> None:
     print(
         f"ratio REST/bare         p50 {g50 / b50:5.2f}x      p95 {g95 / b95:5.2f}x"
         "   (target p50 <= 1.30x)"
+    )
+    s50, p50 = pct(parts["sandbox"], 50), pct(parts["policy"], 50)
+    print(
+        f"  of which: sandbox.run alone p50 {s50:6.2f} ms ({s50 / b50:.2f}x bare); "
+        f"one embedded policy decision p50 {p50:6.2f} ms"
     )
     print(f"raw bwrap loop          {raw_tps:7.1f} tasks/s at concurrency {args.concurrency}")
     print(f"gateway REST            {gw_tps:7.1f} tasks/s at concurrency {args.concurrency}")
