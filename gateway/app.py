@@ -17,7 +17,9 @@ from aiohttp import web
 from gateway.audit import AuditLog, AuditSink
 from gateway.auth import TokenAuthenticator
 from gateway.config import Config
+from gateway.errors import Unavailable
 from gateway.metrics import Metrics
+from gateway.opa import OpaEngine
 from gateway.policy import EmbeddedEngine, PolicyEngine
 from gateway.rest import AUTH, GATEWAY, PUBLIC, add_routes, error_middleware
 from gateway.sandbox import BwrapSandbox, Sandbox
@@ -39,7 +41,19 @@ class Components:
 
 
 def make_policy(config: Config) -> PolicyEngine:
-    return EmbeddedEngine(config.policy.dir, timeout_s=config.policy.timeout_s)
+    policy = config.policy
+    if policy.engine == "opa":
+        token = None
+        if policy.opa_token_file is not None:
+            try:
+                token = policy.opa_token_file.read_text().strip() or None
+            except OSError as exc:
+                raise Unavailable(f"cannot read policy.opa_token_file: {exc}") from exc
+        policy_dir = policy.dir if policy.dir.is_dir() else None
+        return OpaEngine(
+            policy.opa_url, timeout_s=policy.timeout_s, token=token, policy_dir=policy_dir
+        )
+    return EmbeddedEngine(policy.dir, timeout_s=policy.timeout_s)
 
 
 def make_sandbox(config: Config) -> BwrapSandbox:

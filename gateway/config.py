@@ -54,6 +54,12 @@ class PolicyConfig(_Section):
     engine: Literal["embedded", "opa"] = "embedded"
     dir: Path = Path("policies")
     timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0
+    # engine "opa" only: where OPA listens (unix:///path or http(s)://127.0.0.1:8181)
+    # and a file holding the bearer token for OPA's --authentication=token.
+    opa_url: Annotated[str, Field(pattern=r"^(unix:///\S+|https?://\S+)$")] = (
+        "unix:///run/opa/opa.sock"
+    )
+    opa_token_file: Path | None = None
 
 
 class LimitsConfig(_Section):

@@ -80,7 +80,7 @@ test_empty_input_denies if {
 
 test_envelope_problems if {
 	every c in [
-		[{"version": 2}, "unsupported policy input version 2"],
+		[{"version": 2}, "unsupported policy input version (this policy reads version 1)"],
 		[{"action": "file.chmod"}, "unknown action 'file.chmod'"],
 		[{"action": 5}, "policy input has no action"],
 		[{"subject": {"id": "", "roles": ["developer"]}}, "policy input has no subject id"],

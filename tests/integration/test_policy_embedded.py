@@ -285,7 +285,11 @@ MALFORMED: list[tuple[str, dict[str, object], str]] = [
     ("no subject", _without(command("echo"), "subject"), "policy input has no subject id"),
     ("no action", _without(command("echo"), "action"), "policy input has no action"),
     ("no version", _without(command("echo"), "version"), "policy input has no version"),
-    ("version 2", {**command("echo"), "version": 2}, "unsupported policy input version 2"),
+    (
+        "version 2",
+        {**command("echo"), "version": 2},
+        "unsupported policy input version (this policy reads version 1)",
+    ),
     ("unknown action", {**command("echo"), "action": "shell"}, "unknown action 'shell'"),
     (
         "no command",
