@@ -21,6 +21,7 @@ from gateway.errors import Unavailable
 from gateway.metrics import Metrics
 from gateway.opa import OpaEngine
 from gateway.policy import EmbeddedEngine, PolicyEngine
+from gateway.reload import PolicyReloader, Reloadable
 from gateway.rest import AUTH, GATEWAY, PUBLIC, add_routes, error_middleware
 from gateway.sandbox import BwrapSandbox, Sandbox
 from gateway.service import Gateway
@@ -105,7 +106,12 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
         await policy.check()
         await audit.write("gateway.started", {"policy_engine": policy.name})
         await tasks.start()
-        yield Gateway(
+        reloader = (
+            PolicyReloader(policy, config.policy.dir, metrics)
+            if isinstance(policy, Reloadable)
+            else None
+        )
+        gateway = Gateway(
             config,
             policy=policy,
             sandbox=sandbox,
@@ -113,7 +119,13 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
             tasks=tasks,
             workspaces=workspaces,
             metrics=metrics,
+            reloader=reloader,
         )
+        if reloader is None:
+            yield gateway
+        else:
+            async with reloader.watching(config.policy.watch_interval_s):
+                yield gateway
     finally:
         await tasks.close(config.server.shutdown_grace_s)
         with contextlib.suppress(Exception):

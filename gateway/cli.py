@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("action", choices=["verify"])
     audit.add_argument("file", type=Path)
 
+    policy = sub.add_parser("policy", help="check, test and evaluate the policies")
+    policy.add_argument("action", choices=["check", "test", "eval"])
+    policy.add_argument("--dir", type=Path, help="policy directory (check/test; default: config)")
+    policy.add_argument("--config", type=Path, help="gateway config (default engine and dir)")
+    policy.add_argument("--opa", default=None, help="OPA binary (default: PATH, then .tools/bin)")
+    policy.add_argument("--input", default="-", help="eval: input document file, - for stdin")
+
     token = sub.add_parser("token", help="token helpers")
     token.add_argument("action", choices=["hash"])
     return p
@@ -207,6 +214,77 @@ def _audit(args: argparse.Namespace) -> int:
     return 1
 
 
+def _policy(args: argparse.Namespace) -> int:
+    import json as json_mod
+    import shutil
+    import subprocess
+
+    from gateway import config as config_mod
+
+    try:
+        config = config_mod.load(args.config) if args.config else config_mod.parse({})
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    policy_dir = args.dir or config.policy.dir
+    if args.action == "eval":
+        return asyncio.run(_policy_eval(config, args.input))
+    opa = args.opa or shutil.which("opa") or str(Path(".tools/bin/opa"))
+    if not Path(opa).exists():
+        print("error: no OPA binary (give --opa, or run `make opa`)", file=sys.stderr)
+        return 2
+    argv = (
+        [opa, "check", "--strict", str(policy_dir)]
+        if args.action == "check"
+        else [opa, "test", "--coverage", "--format=json", str(policy_dir)]
+    )
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if args.action == "test" and result.returncode == 0:
+        report = json_mod.loads(result.stdout)
+        print(f"ok: policy tests passed, coverage {report['coverage']:.2f}%")
+        return 0
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    if args.action == "check" and result.returncode == 0:
+        print(f"ok: {policy_dir} compiles (opa check --strict)")
+    return result.returncode
+
+
+async def _policy_eval(config: Any, source: str) -> int:
+    import json as json_mod
+
+    from gateway.app import make_policy
+
+    text = await asyncio.to_thread(
+        lambda: sys.stdin.read() if source == "-" else Path(source).read_text()
+    )
+    try:
+        doc = json_mod.loads(text)
+    except ValueError as exc:
+        print(f"error: input: not valid JSON ({exc})", file=sys.stderr)
+        return 2
+    engine = make_policy(config)
+    try:
+        decision = await engine.decide(doc)
+    finally:
+        await engine.close()
+    print(
+        json_mod.dumps(
+            {
+                "allow": decision.allow,
+                "deny_reasons": list(decision.deny_reasons),
+                "warnings": list(decision.warnings),
+                "limits": decision.limits,
+                "engine": decision.engine,
+                "decision_id": decision.decision_id,
+                "revision": decision.revision,
+            },
+            indent=2,
+        )
+    )
+    return 0 if decision.allow else 3
+
+
 def _token(args: argparse.Namespace) -> int:
     from gateway.config import hash_token
 
@@ -224,6 +302,7 @@ _HANDLERS = {
     "task": _task,
     "files": _files,
     "audit": _audit,
+    "policy": _policy,
     "token": _token,
 }
 

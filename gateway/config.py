@@ -60,6 +60,9 @@ class PolicyConfig(_Section):
         "unix:///run/opa/opa.sock"
     )
     opa_token_file: Path | None = None
+    # engine "embedded" only: how often to look for changed policy files
+    # (0 turns the watch off; SIGHUP reloads either way).
+    watch_interval_s: Annotated[float, Field(ge=0)] = 2.0
 
 
 class LimitsConfig(_Section):

@@ -44,6 +44,12 @@ class Metrics:
             ["engine"],
             registry=r,
         )
+        self.policy_reloads = Counter(
+            "mcp_policy_reloads",
+            "Policy reloads by result (a failed reload keeps the old policy).",
+            ["result"],
+            registry=r,
+        )
         self.tasks_running = Gauge("mcp_tasks_running", "Tasks running now.", registry=r)
         self.tasks_queued = Gauge("mcp_tasks_queued", "Tasks waiting for a slot.", registry=r)
         self.tasks_finished = Counter(

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.app import Components, build_app
 from gateway.config import Config
+from gateway.rest import GATEWAY
 
 log = structlog.get_logger("gateway.server")
 
@@ -41,6 +42,14 @@ async def serve(config: Config, parts: Components | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(app[GATEWAY].reload_policy("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("shutting down")
     await runner.shutdown()

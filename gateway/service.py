@@ -25,6 +25,7 @@ from gateway.errors import McpError, PermissionDenied, Unavailable
 from gateway.metrics import Metrics
 from gateway.models import CommandSpec, Decision, Limits, SandboxRequest, Subject, Transport
 from gateway.policy import PolicyEngine, build_policy_input
+from gateway.reload import PolicyReloader
 from gateway.sandbox import Sandbox
 from gateway.store import TaskRecord
 from gateway.tasks import OutputChunk, TaskManager
@@ -85,6 +86,7 @@ class Gateway:
         tasks: TaskManager,
         workspaces: Workspaces,
         metrics: Metrics,
+        reloader: PolicyReloader | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -94,10 +96,18 @@ class Gateway:
         self.tasks = tasks
         self.workspaces = workspaces
         self.metrics = metrics
+        self.reloader = reloader
         self._clock = clock
         self._ready_at = -READY_CACHE_S
         self._ready: dict[str, Any] = {}
         self._ready_lock = asyncio.Lock()
+
+    async def reload_policy(self, reason: str) -> bool:
+        """Reload the in-process policy (SIGHUP); the OPA engine reloads in OPA itself."""
+        if self.reloader is None:
+            log.info("policy engine reloads on its own", engine=self.policy.name, reason=reason)
+            return False
+        return await self.reloader.reload(reason)
 
     # -- decisions -------------------------------------------------------------
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,3 +146,52 @@ def test_serve_refuses_to_start_without_working_sandbox(tmp_path: Path) -> None:
     assert gw.proc is not None
     assert gw.proc.returncode == 1
     assert b"gateway failed to start" in gw.log_path.read_bytes()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+def test_policy_check_and_test_wrap_opa() -> None:
+    """policy check/test run opa check --strict and opa test on the shipped policies."""
+    opa = ROOT / ".tools" / "bin" / "opa"
+    assert opa.exists(), "run `make opa` first"
+    check = run_cli("policy", "check", "--dir", "policies", "--opa", str(opa))
+    assert check.returncode == 0, check.stderr
+    assert b"compiles" in check.stdout
+    tested = run_cli("policy", "test", "--dir", "policies", "--opa", str(opa))
+    assert tested.returncode == 0, tested.stderr
+    assert b"coverage" in tested.stdout
+
+
+def test_policy_eval_against_configured_engine() -> None:
+    """policy eval prints the decision of the configured engine; exit 3 on deny."""
+    config = "gateway/resources/dev.yaml"
+    allow_doc: dict[str, Any] = {
+        "version": 1,
+        "action": "command.execute",
+        "subject": {"id": "dev", "roles": ["developer"], "auth": "token"},
+        "command": {"name": "echo", "args": ["hi"], "cwd": "/workspace", "env": {}, "timeout": 5},
+        "sandbox": {"network": "none"},
+        "request": {"id": "r1", "transport": "cli", "source": ""},
+    }
+    allowed = run_cli("policy", "eval", "--config", config, stdin=json.dumps(allow_doc).encode())
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["allow"] is True
+    deny_doc = {**allow_doc, "command": {**allow_doc["command"], "name": "sh", "args": ["-c", "x"]}}
+    denied = run_cli("policy", "eval", "--config", config, stdin=json.dumps(deny_doc).encode())
+    assert denied.returncode == 3
+    assert json.loads(denied.stdout)["deny_reasons"]
+    bad = run_cli("policy", "eval", "--config", config, stdin=b"{nope")
+    assert bad.returncode == 2
+    assert b"not valid JSON" in bad.stderr
