@@ -34,8 +34,9 @@ fmt: venv
 	$(BIN)/ruff format gateway tests bench
 	$(BIN)/ruff check --fix gateway tests bench
 
-bench: sysdeps venv
+bench: sysdeps venv opa
 	$(BIN)/python -m bench.roundtrip
+	$(BIN)/python -m bench.policy_engines
 
 venv: $(STAMP)
 
