@@ -88,6 +88,7 @@ ACTIONS: Final[frozenset[str]] = frozenset(
 MAX_INPUT_DEPTH: Final = 16
 MAX_INPUT_NODES: Final = 20_000
 MAX_SAFE_INTEGER: Final = 2**53
+MIN_NONZERO_FLOAT: Final = 1e-9
 
 # Stuck (timed-out, still running) evaluations tolerated before check() fails.
 MAX_STUCK_EVALUATIONS: Final = 2
@@ -172,7 +173,9 @@ def check_policy_input(doc: object) -> str | None:
 
     A policy input is a JSON object of bounded depth and size whose strings
     have no NUL and are valid Unicode and whose numbers are finite with
-    |n| <= 2**53 (rego-cpp turns wider integers into 0 and fails on huge floats).
+    |n| <= 2**53 (rego-cpp turns wider integers into 0 and fails on huge floats)
+    and, when not zero, |n| >= 1e-9 (rego-cpp reads tinier floats as 0 where OPA
+    does not, so the two engines would disagree on ``timeout > 0``).
     """
     if not isinstance(doc, Mapping):
         return f"policy input must be an object, not {type(doc).__name__}"
@@ -197,7 +200,7 @@ def check_policy_input(doc: object) -> str | None:
         elif isinstance(value, float):
             if not math.isfinite(value):
                 return "policy input has a non-finite number"
-            if abs(value) > MAX_SAFE_INTEGER:
+            if abs(value) > MAX_SAFE_INTEGER or 0 < abs(value) < MIN_NONZERO_FLOAT:
                 return f"policy input has a number out of range ({value:g})"
         elif isinstance(value, Mapping):
             for key, item in value.items():

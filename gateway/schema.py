@@ -31,7 +31,7 @@ class ExecuteBody(BaseModel):
     args: list[StrictStr] = []
     cwd: StrictStr = "/workspace"
     env: dict[StrictStr, StrictStr] = {}
-    timeout: Annotated[float, Field(gt=0)] | None = None
+    timeout: Annotated[float, Field(ge=0.001)] | None = None
     stdin: StrictStr | None = None
     stdin_base64: StrictStr | None = None
     network: StrictBool = False
