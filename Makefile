@@ -16,13 +16,13 @@ PYTEST     := $(BIN)/pytest
 run: sysdeps venv
 	$(BIN)/mcp-gateway serve --config $(CONFIG)
 
-test: sysdeps venv lint policy-check
+test: sysdeps venv lint policy-check grpcurl
 	$(PYTEST) -q tests/unit tests/integration
 
 test-unit: venv
 	$(PYTEST) -q -m unit tests/unit
 
-test-integration: sysdeps venv
+test-integration: sysdeps venv opa grpcurl
 	$(PYTEST) -q tests/integration
 
 lint: venv
@@ -97,3 +97,22 @@ policy-check: $(OPA_STAMP) venv
 	@$(BIN)/python -c 'import json,sys; c=json.load(open(sys.argv[1]))["coverage"]; \
 	  m=float(sys.argv[2]); print(f"policy tests passed; coverage {c:.2f}% (minimum {m:g}%)"); \
 	  sys.exit(c < m)' $(TOOLS)/policy-coverage.json $(POLICY_MIN_COVERAGE)
+
+# --- gRPC tools -------------------------------------------------------------
+# grpcurl (used by tests/integration/test_grpc.py through server reflection)
+# is built from source through the Go module proxy, pinned, into $(TOOLS)/bin,
+# with a stamp naming the version like the OPA rule above.
+GRPCURL_VERSION := v1.9.4
+GRPCURL         := $(TOOLS)/bin/grpcurl
+GRPCURL_STAMP   := $(TOOLS)/.grpcurl-$(GRPCURL_VERSION)
+
+.PHONY: grpcurl
+
+grpcurl: $(GRPCURL_STAMP)
+
+$(GRPCURL_STAMP):
+	@mkdir -p $(TOOLS)/bin
+	GOBIN=$(abspath $(TOOLS))/bin GOFLAGS=-mod=mod $(GO) install \
+	  github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+	@$(GRPCURL) -version
+	touch $@

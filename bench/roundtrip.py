@@ -22,10 +22,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import grpc
 
 from gateway import bwrap as bw
 from gateway.models import CommandSpec, Limits, SandboxRequest, Subject
 from gateway.policy import EmbeddedEngine, build_policy_input
+from gateway.proto import mcp_pb2, mcp_pb2_grpc
 from gateway.sandbox import BwrapSandbox
 from gateway.seccomp import seccomp_fd
 from tests.conftest import USERS, make_config
@@ -115,6 +117,14 @@ async def breakdown(workspace: str, n: int) -> dict[str, list[float]]:
     finally:
         sandbox.close()
         await engine.close()
+
+
+async def grpc_echo(stub: mcp_pb2_grpc.McpServiceAsyncStub) -> None:
+    reply = await stub.ExecuteCommand(
+        mcp_pb2.CommandRequest(command="echo", args=["hello"], timeout=30, wait=True),
+        metadata=(("authorization", f"Bearer {TOKEN}"),),
+    )
+    assert reply.result.stdout == "hello\n", reply
 
 
 async def latencies(fn: Callable[[], Awaitable[None]], n: int, warmup: int) -> list[float]:
@@ -211,9 +221,14 @@ async def main(args: argparse.Namespace) -> None:
                 # Interleave the two series so machine noise hits both alike.
                 bare_lat: list[float] = []
                 gw_lat: list[float] = []
-                for _ in range(args.rounds):
-                    bare_lat += await latencies(bare, args.n // args.rounds, 3)
-                    gw_lat += await latencies(echo, args.n // args.rounds, 3)
+                grpc_lat: list[float] = []
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as channel:
+                    stub = mcp_pb2_grpc.McpServiceStub(channel)
+                    via_grpc = lambda: grpc_echo(stub)  # noqa: E731
+                    for _ in range(args.rounds):
+                        bare_lat += await latencies(bare, args.n // args.rounds, 3)
+                        gw_lat += await latencies(echo, args.n // args.rounds, 3)
+                        grpc_lat += await latencies(via_grpc, args.n // args.rounds, 3)
                 raw_tps = await throughput(bare, args.total, args.concurrency)
                 gw_tps = await throughput(echo, args.total, args.concurrency)
                 before, peak, flood = await output_flood(session, gw.url, gw.proc.pid)
@@ -226,6 +241,12 @@ async def main(args: argparse.Namespace) -> None:
     print(f"REST exec echo (wait)   p50 {g50:7.2f} ms   p95 {g95:7.2f} ms   (n={len(gw_lat)})")
     print(
         f"ratio REST/bare         p50 {g50 / b50:5.2f}x      p95 {g95 / b95:5.2f}x"
+        "   (target p50 <= 1.30x)"
+    )
+    r50, r95 = pct(grpc_lat, 50), pct(grpc_lat, 95)
+    print(f"gRPC exec echo (wait)   p50 {r50:7.2f} ms   p95 {r95:7.2f} ms   (n={len(grpc_lat)})")
+    print(
+        f"ratio gRPC/bare         p50 {r50 / b50:5.2f}x      p95 {r95 / b95:5.2f}x"
         "   (target p50 <= 1.30x)"
     )
     s50, p50 = pct(parts["sandbox"], 50), pct(parts["policy"], 50)

@@ -38,6 +38,11 @@ class ServerConfig(_Section):
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
 
 
+class GrpcConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 50051
+
+
 class TokenConfig(_Section):
     """An API token, stored as the hex SHA-256 of the token text."""
 
@@ -126,6 +131,7 @@ class LoggingConfig(_Section):
 class Config(_Section):
     state_dir: Path = Path("/var/lib/mcp-gateway")
     server: ServerConfig = ServerConfig()
+    grpc: GrpcConfig = GrpcConfig()
     auth: AuthConfig = AuthConfig()
     policy: PolicyConfig = PolicyConfig()
     sandbox: SandboxConfig = SandboxConfig()

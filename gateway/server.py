@@ -10,7 +10,9 @@ from aiohttp import web
 
 from gateway.app import Components, build_app
 from gateway.config import Config
-from gateway.rest import GATEWAY
+from gateway.grpc_server import start_grpc
+from gateway.grpc_server import stop as stop_grpc
+from gateway.rest import AUTH, GATEWAY
 
 log = structlog.get_logger("gateway.server")
 
@@ -38,6 +40,17 @@ async def serve(config: Config, parts: Components | None = None) -> int:
         await runner.cleanup()
         return 1
     log.info("gateway listening", host=config.server.host, port=config.server.port)
+    try:
+        grpc_server, grpc_port = await start_grpc(
+            app[GATEWAY], app[AUTH], config.grpc.host, config.grpc.port
+        )
+    except (OSError, RuntimeError) as exc:
+        log.error(
+            "cannot listen (grpc)", host=config.grpc.host, port=config.grpc.port, error=str(exc)
+        )
+        await runner.cleanup()
+        return 1
+    log.info("grpc listening", host=config.grpc.host, port=grpc_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -52,6 +65,9 @@ async def serve(config: Config, parts: Components | None = None) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("shutting down")
+    # gRPC health goes NOT_SERVING and in-flight RPCs get the grace period
+    # while the gateway (tasks, audit) is still open.
+    await stop_grpc(grpc_server, config.server.shutdown_grace_s)
     await runner.shutdown()
     await runner.cleanup()
     return 0

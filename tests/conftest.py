@@ -33,6 +33,7 @@ def make_config(state_dir: Path, **overrides: object) -> config_mod.Config:
     doc: dict[str, object] = {
         "state_dir": str(state_dir),
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 2},
+        "grpc": {"host": "127.0.0.1", "port": 0},
         "auth": {
             "tokens": [
                 {"subject": name, "roles": list(roles), "sha256": hash_token(token)}

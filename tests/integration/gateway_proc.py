@@ -29,8 +29,10 @@ class GatewayProcess:
 
     def __init__(self, config: Config, workdir: Path) -> None:
         self.port = config.server.port or free_port()
+        self.grpc_port = config.grpc.port or free_port()
         doc: dict[str, Any] = config.model_dump(mode="json")
         doc["server"]["port"] = self.port
+        doc["grpc"]["port"] = self.grpc_port
         self.config_path = workdir / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(doc))
         self.log_path = workdir / "gateway.log"

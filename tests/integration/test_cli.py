@@ -195,3 +195,18 @@ def test_policy_eval_against_configured_engine() -> None:
     bad = run_cli("policy", "eval", "--config", config, stdin=b"{nope")
     assert bad.returncode == 2
     assert b"not valid JSON" in bad.stderr
+
+
+def test_serve_answers_grpc_beside_rest(gateway: GatewayProcess) -> None:
+    """`mcp-gateway serve` runs the gRPC service in the same process: grpcurl as in the README."""
+    from tests.integration.test_grpc import _grpcurl
+
+    created = _grpcurl(
+        gateway.grpc_port,
+        "-d",
+        '{"command":"echo","args":["hello world"],"timeout":30,"wait":true}',
+        "mcp.McpService/ExecuteCommand",
+    )
+    assert created["result"]["stdout"] == "hello world\n"
+    health = _grpcurl(gateway.grpc_port, "grpc.health.v1.Health/Check")
+    assert health["status"] == "SERVING"

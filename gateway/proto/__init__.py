@@ -1,0 +1,1 @@
+"""Generated gRPC code for ``proto/mcp.proto`` (see :mod:`gateway.proto.generate`)."""
