@@ -7,6 +7,7 @@ sandbox, tasks) and torn down in reverse; any seam can be replaced through
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from gateway.opa import OpaEngine
 from gateway.policy import EmbeddedEngine, PolicyEngine
 from gateway.reload import PolicyReloader, Reloadable
 from gateway.rest import AUTH, GATEWAY, PUBLIC, add_routes, error_middleware
-from gateway.sandbox import BwrapSandbox, Sandbox
+from gateway.sandbox import BwrapSandbox, Sandbox, kill_orphans
 from gateway.service import Gateway
 from gateway.store import SqliteTaskStore
 from gateway.tasks import TaskManager
@@ -105,6 +106,14 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
         log.info("sandbox self-test passed", **{k: str(v) for k, v in details.items()})
         await policy.check()
         await audit.write("gateway.started", {"policy_engine": policy.name})
+        # Holding the audit log's lock, this process owns the state directory:
+        # sandboxes still bound to its workspaces belong to a gateway that died.
+        orphans = await asyncio.to_thread(
+            kill_orphans, str(config.sandbox.bwrap), str(workspaces.root)
+        )
+        if orphans:
+            log.warning("killed sandboxes left by a previous gateway", pids=orphans)
+            await audit.write("sandbox.orphans_killed", {"pids": orphans})
         await tasks.start()
         reloader = (
             PolicyReloader(policy, config.policy.dir, metrics)

@@ -1071,3 +1071,47 @@ async def _bwrap_version(path: str) -> str:
     if proc.returncode != 0:
         raise Unavailable(f"{path} --version failed with status {proc.returncode}")
     return out.decode("utf-8", "replace").strip()
+
+
+# -- orphans of a gateway that died ----------------------------------------------------
+
+
+def is_orphan_sandbox(cmdline: list[str], bwrap_path: str, workspace_root: str) -> bool:
+    """Whether ``cmdline`` is our bwrap bound to a workspace under ``workspace_root`` (pure)."""
+    if not cmdline or cmdline[0] != bwrap_path:
+        return False
+    prefix = workspace_root.rstrip("/") + "/"
+    return any(
+        cmdline[i] == "--bind"
+        and cmdline[i + 1].startswith(prefix)
+        and cmdline[i + 2] == bw.WORKSPACE
+        for i in range(len(cmdline) - 2)
+    )
+
+
+def kill_orphans(bwrap_path: str, workspace_root: str) -> list[int]:
+    """SIGKILL every sandbox left by a gateway that died; return their pids.
+
+    Call at start-up, once this process owns the state directory (the audit
+    log's lock): any bwrap bound to one of its workspaces then belongs to a
+    dead gateway.  ``--die-with-parent`` normally takes them down, but a
+    gateway killed while bwrap waits on ``--block-fd`` leaves bwrap's
+    sandbox init without a parent-death signal and it then runs the command
+    (bwrap 0.8 arms that signal only after the wait); killing the init takes
+    the whole pid namespace with it.
+    """
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        cmdline = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+        if is_orphan_sandbox(cmdline, bwrap_path, workspace_root):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+    return killed

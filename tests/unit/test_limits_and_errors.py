@@ -9,6 +9,7 @@ import pytest
 from gateway import errors
 from gateway.config import LimitsConfig
 from gateway.models import CommandSpec
+from gateway.sandbox import is_orphan_sandbox
 from gateway.service import grant_limits
 
 pytestmark = pytest.mark.unit
@@ -71,3 +72,23 @@ def test_every_code_has_a_class() -> None:
 def test_unknown_code_becomes_internal() -> None:
     """A body with an unknown code is read as INTERNAL, not a crash."""
     assert isinstance(errors.from_dict({"error": {"code": "NOPE"}}), errors.Internal)
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "orphan"),
+    [
+        (
+            ["/usr/bin/bwrap", "--bind", "/srv/state/workspaces/alice", "/workspace", "--", "x"],
+            True,
+        ),
+        (["/usr/bin/bwrap", "--bind", "/srv/other/alice", "/workspace"], False),
+        (["/usr/bin/bwrap", "--bind", "/srv/state/workspaces-x/a", "/workspace"], False),
+        (["/usr/bin/bwrap", "--bind", "/srv/state/workspaces/alice", "/elsewhere"], False),
+        (["/bin/bwrap", "--bind", "/srv/state/workspaces/alice", "/workspace"], False),
+        (["sleep", "--bind", "/srv/state/workspaces/alice", "/workspace"], False),
+        ([], False),
+    ],
+)
+def test_orphan_sandbox_matching(cmdline: list[str], orphan: bool) -> None:
+    """Only our bwrap, bound to a workspace of this state directory, counts as an orphan."""
+    assert is_orphan_sandbox(cmdline, "/usr/bin/bwrap", "/srv/state/workspaces") is orphan
