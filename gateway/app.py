@@ -151,7 +151,7 @@ def build_app(config: Config, parts: Components | None = None) -> web.Applicatio
     app = web.Application(
         middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
     )
-    app[AUTH] = TokenAuthenticator(config.auth.tokens)
+    app[AUTH] = TokenAuthenticator.from_config(config)
     app[PUBLIC] = frozenset(config.server.public_paths)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

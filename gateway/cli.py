@@ -66,6 +66,18 @@ def _parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="token helpers")
     token.add_argument("action", choices=["hash"])
+
+    certs = sub.add_parser("certs", help="development CA for TLS/mTLS (docs/tls.md)")
+    certs.add_argument("action", choices=["init", "issue"])
+    certs.add_argument("--dir", type=Path, required=True, help="CA directory")
+    kind = certs.add_mutually_exclusive_group()
+    kind.add_argument("--server", dest="kind", action="store_const", const="server")
+    kind.add_argument("--client", dest="kind", action="store_const", const="client")
+    certs.add_argument("--name", help="server: DNS name (SAN); client: CN = subject id")
+    certs.add_argument("--dns", action="append", default=[], help="server: extra DNS SAN")
+    certs.add_argument("--ip", action="append", default=[], help="server: IP address SAN")
+    certs.add_argument("--days", type=int, help="validity (default: server 397, client 90)")
+    certs.add_argument("--force", action="store_true", help="init: replace an existing CA")
     return p
 
 
@@ -296,6 +308,32 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from gateway import certs
+
+    try:
+        if args.action == "init":
+            paths = certs.init_ca(args.dir, force=args.force)
+        elif args.kind is None or (not args.name and not args.ip):
+            print("error: certs issue needs --server or --client, and --name", file=sys.stderr)
+            return 2
+        else:
+            paths = certs.issue(
+                args.dir,
+                args.kind,
+                args.name or "",
+                dns_names=args.dns,
+                ips=args.ip,
+                days=args.days,
+            )
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
 _HANDLERS = {
     "serve": _serve,
     "exec": _exec,
@@ -304,6 +342,7 @@ _HANDLERS = {
     "audit": _audit,
     "policy": _policy,
     "token": _token,
+    "certs": _certs,
 }
 
 

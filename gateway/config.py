@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "MCP_GATEWAY__"
 
@@ -53,6 +60,32 @@ class TokenConfig(_Section):
 
 class AuthConfig(_Section):
     tokens: tuple[TokenConfig, ...] = ()
+
+
+class MtlsSubjectConfig(_Section):
+    """A verified client certificate (by CN or by a DNS/URI SAN) to a subject."""
+
+    cn: Annotated[str, Field(min_length=1)] | None = None
+    san: Annotated[str, Field(min_length=1)] | None = None
+    subject: Annotated[str, Field(pattern=r"^[A-Za-z0-9._@-]{1,128}$")]
+    roles: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> MtlsSubjectConfig:
+        if (self.cn is None) == (self.san is None):
+            raise ValueError("give exactly one of 'cn' or 'san'")
+        return self
+
+
+class TlsConfig(_Section):
+    """TLS for REST and gRPC; with ``client_ca_file``, client certificates (mTLS)."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    client_auth: Literal["optional", "required"] = "optional"
+    mtls_subjects: tuple[MtlsSubjectConfig, ...] = ()
 
 
 class PolicyConfig(_Section):
@@ -133,6 +166,7 @@ class Config(_Section):
     server: ServerConfig = ServerConfig()
     grpc: GrpcConfig = GrpcConfig()
     auth: AuthConfig = AuthConfig()
+    tls: TlsConfig = TlsConfig()
     policy: PolicyConfig = PolicyConfig()
     sandbox: SandboxConfig = SandboxConfig()
     tasks: TasksConfig = TasksConfig()
@@ -200,9 +234,27 @@ def parse(data: object, env: Mapping[str, str] | None = None, base: Path | None 
         raise ConfigError(_format_error(exc)) from None
     if config.sandbox.limits.timeout_s > config.sandbox.limits.max_timeout_s:
         raise ConfigError("sandbox.limits.timeout_s: must not exceed sandbox.limits.max_timeout_s")
+    _check_tls(config.tls)
     if base is not None:
         config = _resolve(config, base)
     return config
+
+
+def _check_tls(tls: TlsConfig) -> None:
+    if not tls.enabled:
+        return
+    for key in ("cert_file", "key_file"):
+        if getattr(tls, key) is None:
+            raise ConfigError(
+                f"invalid configuration: tls.{key}: required when tls.enabled is true"
+            )
+    if tls.client_ca_file is None:
+        if tls.client_auth == "required":
+            raise ConfigError(
+                "invalid configuration: tls.client_auth: 'required' needs tls.client_ca_file"
+            )
+        if tls.mtls_subjects:
+            raise ConfigError("invalid configuration: tls.mtls_subjects: needs tls.client_ca_file")
 
 
 def _resolve(config: Config, base: Path) -> Config:
@@ -212,9 +264,17 @@ def _resolve(config: Config, base: Path) -> Config:
     audit = config.audit
     if audit.path is not None:
         audit = audit.model_copy(update={"path": rel(audit.path)})
+    tls = config.tls.model_copy(
+        update={
+            key: rel(value)
+            for key in ("cert_file", "key_file", "client_ca_file")
+            if (value := getattr(config.tls, key)) is not None
+        }
+    )
     return config.model_copy(
         update={
             "state_dir": rel(config.state_dir),
+            "tls": tls,
             "policy": config.policy.model_copy(update={"dir": rel(config.policy.dir)}),
             "audit": audit,
         }

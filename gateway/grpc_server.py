@@ -30,7 +30,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from gateway import __version__
-from gateway.auth import TokenAuthenticator
+from gateway.auth import PeerIdentity, TokenAuthenticator
 from gateway.errors import (
     ErrorCode,
     InvalidArgument,
@@ -228,7 +228,18 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
             if key.lower() == "authorization":
                 header = value if isinstance(value, str) else value.decode("latin-1")
                 break
-        return self.authenticator.authenticate(header)
+        return self.authenticator.authenticate(header, self._peer(context))
+
+    def _peer(self, context: _Context) -> PeerIdentity | None:
+        """The verified client certificate, if this server requires and verified one.
+
+        grpcio only requests client certificates when it also requires them,
+        so with ``client_auth: optional`` gRPC callers authenticate by token.
+        """
+        if self.authenticator.client_auth != "required":
+            return None
+        pems = list(context.auth_context().get("x509_pem_cert") or ())
+        return PeerIdentity.from_pem(pems[0]) if pems else None
 
     @staticmethod
     def _ctx(context: _Context) -> RequestContext:
@@ -425,9 +436,16 @@ _HEALTH: dict[grpc.aio.Server, HealthServicer] = {}
 
 
 async def start_grpc(
-    gateway: Gateway, authenticator: TokenAuthenticator, host: str, port: int
+    gateway: Gateway,
+    authenticator: TokenAuthenticator,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start ``mcp.McpService`` + health + reflection on ``host:port`` (0: any free port).
+
+    With ``credentials`` (see :func:`gateway.tls.grpc_server_credentials`) the
+    port speaks TLS only.
 
     Must run in the event loop that serves REST; returns the server and the
     bound port.  Raises OSError when the address cannot be bound.
@@ -452,7 +470,11 @@ async def start_grpc(
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = (
+            server.add_insecure_port(address)
+            if credentials is None
+            else server.add_secure_port(address, credentials)
+        )
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     if bound == 0:
@@ -461,7 +483,6 @@ async def start_grpc(
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     _HEALTH[server] = health
-    log.info("grpc listening", host=host, port=bound)
     return server, bound
 
 

@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 
 from gateway import __version__
-from gateway.auth import TokenAuthenticator
+from gateway.auth import PeerIdentity, TokenAuthenticator
 from gateway.errors import (
     InvalidArgument,
     McpError,
@@ -58,6 +58,17 @@ def _subject(request: web.Request) -> Subject:
     return subject
 
 
+def _peer(request: web.Request) -> PeerIdentity | None:
+    """The client certificate the TLS layer verified (CERT_OPTIONAL/REQUIRED), if any."""
+    if request.app[AUTH].client_auth == "off" or request.transport is None:
+        return None
+    ssl_object = request.transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return PeerIdentity.from_der(der) if der else None
+
+
 def _error_response(error: McpError, request_id: str) -> web.Response:
     headers = {"X-Request-Id": request_id}
     if error.retry_after is not None:
@@ -80,7 +91,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     code = "OK"
     try:
         if request.path not in request.app[PUBLIC]:
-            request[SUBJECT] = request.app[AUTH].authenticate(request.headers.get("Authorization"))
+            request[SUBJECT] = request.app[AUTH].authenticate(
+                request.headers.get("Authorization"), _peer(request)
+            )
         response = await handler(request)
     except McpError as exc:
         code = str(exc.code)

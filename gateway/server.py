@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 
 import structlog
 from aiohttp import web
@@ -13,6 +14,7 @@ from gateway.config import Config
 from gateway.grpc_server import start_grpc
 from gateway.grpc_server import stop as stop_grpc
 from gateway.rest import AUTH, GATEWAY
+from gateway.tls import grpc_server_credentials, rest_ssl_context
 
 log = structlog.get_logger("gateway.server")
 
@@ -30,7 +32,21 @@ async def serve(config: Config, parts: Components | None = None) -> int:
     except Exception as exc:  # start-up checks failed: refuse to serve
         log.error("gateway failed to start", error=str(exc))
         return 1
-    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+    tls = config.tls
+    try:
+        ssl_context = rest_ssl_context(tls) if tls.enabled else None
+        grpc_credentials = grpc_server_credentials(tls) if tls.enabled else None
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        log.error("cannot load TLS certificates", error=str(exc))
+        await runner.cleanup()
+        return 1
+    site = web.TCPSite(
+        runner,
+        config.server.host,
+        config.server.port,
+        reuse_address=True,
+        ssl_context=ssl_context,
+    )
     try:
         await site.start()
     except OSError as exc:
@@ -39,10 +55,16 @@ async def serve(config: Config, parts: Components | None = None) -> int:
         )
         await runner.cleanup()
         return 1
-    log.info("gateway listening", host=config.server.host, port=config.server.port)
+    log.info(
+        "gateway listening",
+        host=config.server.host,
+        port=config.server.port,
+        tls=tls.enabled,
+        client_auth=tls.client_auth if tls.client_ca_file else "off",
+    )
     try:
         grpc_server, grpc_port = await start_grpc(
-            app[GATEWAY], app[AUTH], config.grpc.host, config.grpc.port
+            app[GATEWAY], app[AUTH], config.grpc.host, config.grpc.port, grpc_credentials
         )
     except (OSError, RuntimeError) as exc:
         log.error(
@@ -50,7 +72,7 @@ async def serve(config: Config, parts: Components | None = None) -> int:
         )
         await runner.cleanup()
         return 1
-    log.info("grpc listening", host=config.grpc.host, port=grpc_port)
+    log.info("grpc listening", host=config.grpc.host, port=grpc_port, tls=tls.enabled)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -27,7 +28,12 @@ def free_port() -> int:
 class GatewayProcess:
     """A gateway process serving ``config`` on a fixed loopback port."""
 
-    def __init__(self, config: Config, workdir: Path) -> None:
+    def __init__(
+        self, config: Config, workdir: Path, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        # With tls.enabled the health poll speaks https through ``ssl_context``.
+        self.scheme = "https" if config.tls.enabled else "http"
+        self.ssl_context = ssl_context
         self.port = config.server.port or free_port()
         self.grpc_port = config.grpc.port or free_port()
         doc: dict[str, Any] = config.model_dump(mode="json")
@@ -40,7 +46,7 @@ class GatewayProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_GATEWAY__")}
@@ -56,7 +62,9 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited: {self.log_path.read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1):  # noqa: S310
+                with urllib.request.urlopen(  # noqa: S310
+                    self.url + "/health", timeout=1, context=self.ssl_context
+                ):
                     return
             except OSError:
                 time.sleep(0.05)

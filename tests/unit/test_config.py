@@ -88,3 +88,50 @@ def test_hash_token_is_sha256_hex() -> None:
     assert config.hash_token("dev-token") == (
         "c91cbbedf8c712e8e2b7517ddeca8fe4fde839ebd8339e0b2001363002b37712"
     )
+
+
+@pytest.mark.parametrize(
+    ("tls", "message"),
+    [
+        ({"enabled": True, "key_file": "k.pem"}, "tls.cert_file: required"),
+        ({"enabled": True, "cert_file": "c.pem"}, "tls.key_file: required"),
+        (
+            {"enabled": True, "cert_file": "c", "key_file": "k", "client_auth": "required"},
+            "tls.client_auth: 'required' needs tls.client_ca_file",
+        ),
+        (
+            {
+                "enabled": True,
+                "cert_file": "c",
+                "key_file": "k",
+                "mtls_subjects": [{"cn": "a", "subject": "a"}],
+            },
+            "tls.mtls_subjects: needs tls.client_ca_file",
+        ),
+        (
+            {"mtls_subjects": [{"subject": "a"}]},
+            "tls.mtls_subjects.0: Value error, give exactly one",
+        ),
+        ({"mtls_subjects": [{"cn": "a", "san": "b", "subject": "a"}]}, "tls.mtls_subjects.0"),
+        ({"client_auth": "sometimes"}, "tls.client_auth"),
+        ({"mtls_subjects": [{"cn": "a", "subject": "a b"}]}, "tls.mtls_subjects.0.subject"),
+    ],
+)
+def test_tls_errors_name_the_key(tls: dict[str, object], message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        config.parse({"tls": tls}, env={})
+
+
+def test_tls_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "tls: {enabled: true, cert_file: pki/s.pem, key_file: /abs/s-key.pem,"
+        " client_ca_file: pki/ca.pem, client_auth: required,"
+        " mtls_subjects: [{cn: alice, subject: alice, roles: [developer]}]}\n"
+    )
+    tls = config.load(path, env={}).tls
+    assert tls.cert_file == tmp_path / "pki" / "s.pem"
+    assert tls.key_file == Path("/abs/s-key.pem")
+    assert tls.client_ca_file == tmp_path / "pki" / "ca.pem"
+    assert tls.mtls_subjects[0].roles == ("developer",)
+    assert config.parse({}, env={}).tls.enabled is False
