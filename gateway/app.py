@@ -19,6 +19,7 @@ from gateway.audit import AuditLog, AuditSink
 from gateway.auth import TokenAuthenticator
 from gateway.config import Config
 from gateway.errors import Unavailable
+from gateway.mcp import add_mcp_routes
 from gateway.metrics import Metrics
 from gateway.opa import OpaEngine
 from gateway.policy import EmbeddedEngine, PolicyEngine
@@ -161,4 +162,5 @@ def build_app(config: Config, parts: Components | None = None) -> web.Applicatio
 
     app.cleanup_ctx.append(lifecycle)
     add_routes(app)
+    add_mcp_routes(app)
     return app

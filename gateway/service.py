@@ -277,6 +277,14 @@ class Gateway:
         )
         return written
 
+    async def make_directory(self, subject: Subject, path: str, ctx: RequestContext) -> None:
+        await self.decide("file.write", subject, ctx, file_path=path, file_mode=0o755)
+        await asyncio.to_thread(self.workspaces.mkdir, subject.id, path)
+        await self._audit_or_unavailable(
+            "file.directory_created",
+            {"subject": subject.id, "request_id": ctx.request_id, "path": path},
+        )
+
     async def delete_file(
         self, subject: Subject, path: str, ctx: RequestContext, *, recursive: bool = False
     ) -> None:

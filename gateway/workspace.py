@@ -717,6 +717,17 @@ class Workspaces:
                 os.close(dfd)
         return len(data)
 
+    def mkdir(self, subject_id: str, path: str) -> None:
+        """Create directory ``path`` and any missing parents (0o755), never through a symlink.
+
+        An existing directory is fine; the workspace root always exists.
+        """
+        rel = normalize_path(path)
+        if rel == ROOT:
+            return
+        with self._workspace(subject_id) as ws, _translated(rel):
+            os.close(self._open_parent(ws, rel, create=True))
+
     def delete(self, subject_id: str, path: str, *, recursive: bool = False) -> None:
         """Delete a file, symlink (the link itself) or directory.
 

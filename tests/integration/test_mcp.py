@@ -1,0 +1,305 @@
+"""The MCP endpoint (/mcp): the official SDK client end to end, raw JSON-RPC for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+from gateway.models import TaskState
+from gateway.rest import GATEWAY
+from tests.integration.conftest import Api
+
+pytestmark = pytest.mark.integration
+
+AUTH = {"Authorization": "Bearer alice-token"}
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"},
+    },
+}
+
+
+@contextlib.asynccontextmanager
+async def connect(api: Api) -> AsyncIterator[ClientSession]:
+    """An initialized SDK session (a context manager, not a fixture: anyio task
+    groups must be entered and exited in the same task)."""
+    async with (
+        create_mcp_http_client(headers=AUTH) as http,
+        streamable_http_client(api.url("/mcp"), http_client=http) as (read, write, _),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        yield session
+
+
+def _text(result: Any) -> str:
+    return "".join(c.text for c in result.content if c.type == "text")
+
+
+# -- the SDK client ----------------------------------------------------------------
+
+
+async def test_initialize_and_list_tools(api: Api) -> None:
+    async with (
+        create_mcp_http_client(headers=AUTH) as http,
+        streamable_http_client(api.url("/mcp"), http_client=http) as (read, write, _),
+        ClientSession(read, write) as session,
+    ):
+        init = await session.initialize()
+        assert init.serverInfo.name == "mcp-security-gateway"
+        assert init.protocolVersion == "2025-11-25"
+        assert init.capabilities.tools is not None
+        tools = {t.name: t for t in (await session.list_tools()).tools}
+        assert set(tools) >= {
+            "shell_execute",
+            "read_text_file",
+            "write_file",
+            "list_directory",
+            "create_directory",
+            "get_file_info",
+            "list_allowed_directories",
+        }
+        assert tools["read_text_file"].annotations is not None
+        assert tools["read_text_file"].annotations.readOnlyHint is True
+        assert tools["shell_execute"].inputSchema["required"] == ["command"]
+        await session.send_ping()
+
+
+async def test_shell_execute_echo(api: Api) -> None:
+    async with connect(api) as client:
+        result = await client.call_tool("shell_execute", {"command": ["echo", "hello", "world"]})
+        assert result.isError is False
+        assert result.structuredContent is not None
+        assert result.structuredContent["stdout"] == "hello world\n"
+        assert result.structuredContent["exit_code"] == 0
+        assert result.structuredContent["state"] == "COMPLETED"
+        assert "hello world" in _text(result)
+
+
+async def test_shell_execute_stdin_and_directory(api: Api) -> None:
+    async with connect(api) as client:
+        await client.call_tool("create_directory", {"path": "sub/dir"})
+        result = await client.call_tool(
+            "shell_execute", {"command": ["pwd"], "directory": "/workspace/sub/dir"}
+        )
+        assert result.structuredContent is not None
+        assert result.structuredContent["stdout"] == "/workspace/sub/dir\n"
+        result = await client.call_tool("shell_execute", {"command": ["cat"], "stdin": "piped"})
+        assert result.structuredContent is not None
+        assert result.structuredContent["stdout"] == "piped"
+
+
+async def test_shell_execute_policy_deny_is_tool_error(api: Api) -> None:
+    async with connect(api) as client:
+        result = await client.call_tool("shell_execute", {"command": ["sh", "-c", "id"]})
+        assert result.isError is True
+        text = _text(result)
+        assert "PERMISSION_DENIED" in text
+        assert "reason:" in text
+
+
+async def test_shell_execute_failure_is_tool_error(api: Api) -> None:
+    async with connect(api) as client:
+        result = await client.call_tool("shell_execute", {"command": ["false"]})
+        assert result.isError is True
+        assert result.structuredContent is not None
+        assert result.structuredContent["exit_code"] == 1
+
+
+async def test_file_round_trip_and_listing(api: Api) -> None:
+    async with connect(api) as client:
+        wrote = await client.call_tool("write_file", {"path": "notes.txt", "content": "a\nb\nc\n"})
+        assert wrote.isError is False, _text(wrote)
+        read = await client.call_tool("read_text_file", {"path": "/workspace/notes.txt"})
+        assert _text(read) == "a\nb\nc\n"
+        head = await client.call_tool("read_text_file", {"path": "notes.txt", "head": 1})
+        assert _text(head) == "a\n"
+        tail = await client.call_tool("read_text_file", {"path": "notes.txt", "tail": 2})
+        assert _text(tail) == "b\nc\n"
+        made = await client.call_tool("create_directory", {"path": "src"})
+        assert made.isError is False, _text(made)
+        listing = _text(await client.call_tool("list_directory", {"path": "."})).splitlines()
+        assert "[FILE] notes.txt" in listing
+        assert "[DIR] src" in listing
+        info = await client.call_tool("get_file_info", {"path": "notes.txt"})
+        assert info.structuredContent is not None
+        assert info.structuredContent["size"] == 6
+        assert info.structuredContent["type"] == "file"
+        allowed = await client.call_tool("list_allowed_directories", {})
+        assert "/workspace" in _text(allowed)
+
+
+async def test_file_errors_are_tool_errors(api: Api) -> None:
+    async with connect(api) as client:
+        missing = await client.call_tool("read_text_file", {"path": "nope.txt"})
+        assert missing.isError is True
+        assert "NOT_FOUND" in _text(missing)
+        escape = await client.call_tool("read_text_file", {"path": "../etc/passwd"})
+        assert escape.isError is True
+        assert "'..'" in _text(escape)
+
+
+# -- raw JSON-RPC ------------------------------------------------------------------
+
+
+async def _session(api: Api) -> dict[str, str]:
+    async with api.session.post(api.url("/mcp"), json=INIT, headers=AUTH) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+        assert body["result"]["protocolVersion"] == "2025-06-18"
+        return {
+            **AUTH,
+            "Mcp-Session-Id": resp.headers["Mcp-Session-Id"],
+            "MCP-Protocol-Version": "2025-06-18",
+        }
+
+
+async def _post(api: Api, headers: dict[str, str], **kw: Any) -> tuple[int, Any]:
+    async with api.session.post(api.url("/mcp"), headers=headers, **kw) as resp:
+        if resp.content_type == "application/json":
+            return resp.status, await resp.json()
+        return resp.status, await resp.read()
+
+
+async def test_raw_lifecycle(api: Api) -> None:
+    headers = await _session(api)
+    note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    assert await _post(api, headers, json=note) == (202, b"")
+    status, body = await _post(api, headers, json={"jsonrpc": "2.0", "id": 2, "method": "ping"})
+    assert (status, body) == (200, {"jsonrpc": "2.0", "id": 2, "result": {}})
+    async with api.session.delete(api.url("/mcp"), headers=headers) as resp:
+        assert resp.status == 204
+    status, body = await _post(api, headers, json={"jsonrpc": "2.0", "id": 3, "method": "ping"})
+    assert status == 404
+
+
+async def test_session_is_bound_to_subject(api: Api) -> None:
+    headers = await _session(api)
+    bob = {**headers, "Authorization": "Bearer bob-token"}
+    status, _ = await _post(api, bob, json={"jsonrpc": "2.0", "id": 2, "method": "ping"})
+    assert status == 404
+
+
+async def test_bad_protocol_version_header(api: Api) -> None:
+    headers = {**await _session(api), "MCP-Protocol-Version": "1999-01-01"}
+    status, body = await _post(api, headers, json={"jsonrpc": "2.0", "id": 2, "method": "ping"})
+    assert status == 400
+    assert body["error"]["code"] == -32600
+
+
+async def test_parse_error(api: Api) -> None:
+    status, body = await _post(api, await _session(api), data=b"{not json")
+    assert status == 400
+    assert body["error"]["code"] == -32700
+    assert body["id"] is None
+
+
+async def test_wrong_jsonrpc_version(api: Api) -> None:
+    status, body = await _post(
+        api, await _session(api), json={"jsonrpc": "1.0", "id": 2, "method": "ping"}
+    )
+    assert status == 400
+    assert body["error"]["code"] == -32600
+
+
+async def test_batch_rejected(api: Api) -> None:
+    batch = [{"jsonrpc": "2.0", "id": 2, "method": "ping"}]
+    status, body = await _post(api, await _session(api), json=batch)
+    assert status == 400
+    assert body["error"]["code"] == -32600
+
+
+async def test_unknown_method(api: Api) -> None:
+    status, body = await _post(
+        api, await _session(api), json={"jsonrpc": "2.0", "id": 2, "method": "nope/nothing"}
+    )
+    assert status == 200
+    assert body["error"]["code"] == -32601
+    assert body["id"] == 2
+
+
+async def test_unknown_tool_and_bad_arguments(api: Api) -> None:
+    headers = await _session(api)
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call"}
+    status, body = await _post(
+        api, headers, json={**call, "params": {"name": "rm_rf", "arguments": {}}}
+    )
+    assert (status, body["error"]["code"]) == (200, -32602)
+    assert "rm_rf" in body["error"]["message"]
+    bad: list[dict[str, Any]] = [
+        {"command": []},
+        {"command": "echo hi"},
+        {"command": ["a"], "x": 1},
+    ]
+    for arguments in bad:
+        status, body = await _post(
+            api, headers, json={**call, "params": {"name": "shell_execute", "arguments": arguments}}
+        )
+        assert (status, body["error"]["code"]) == (200, -32602), arguments
+
+
+async def test_missing_token_is_401(api: Api) -> None:
+    status, body = await _post(api, {}, json=INIT)
+    assert status == 401
+    assert body["error"]["code"] == "UNAUTHENTICATED"
+
+
+async def test_foreign_origin_is_403(api: Api) -> None:
+    status, _ = await _post(api, {**AUTH, "Origin": "https://evil.example"}, json=INIT)
+    assert status == 403
+    status, _ = await _post(api, {**AUTH, "Origin": "http://localhost:5173"}, json=INIT)
+    assert status == 200
+    status, _ = await _post(api, {**AUTH, "Origin": "http://[::1]:8080"}, json=INIT)
+    assert status == 200
+
+
+async def test_missing_session_header(api: Api) -> None:
+    status, body = await _post(api, AUTH, json={"jsonrpc": "2.0", "id": 2, "method": "ping"})
+    assert status == 400
+    assert body["error"]["code"] == -32600
+
+
+async def test_get_stream_not_offered(api: Api) -> None:
+    async with api.session.get(api.url("/mcp"), headers=await _session(api)) as resp:
+        assert resp.status == 405
+
+
+async def test_client_disconnect_cancels_the_command(api: Api) -> None:
+    headers = await _session(api)
+    tasks = api.server.app[GATEWAY].tasks
+    call = {
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "tools/call",
+        "params": {"name": "shell_execute", "arguments": {"command": ["sleep", "30"]}},
+    }
+    post = asyncio.create_task(_post(api, headers, json=call))
+    for _ in range(100):
+        if tasks._live:
+            break
+        await asyncio.sleep(0.05)
+    (task_id,) = tasks._live
+    post.cancel()  # the client goes away: aiohttp closes the connection
+    with contextlib.suppress(asyncio.CancelledError):
+        await post
+    for _ in range(100):
+        if task_id not in tasks._live:
+            break
+        await asyncio.sleep(0.1)
+    record = tasks.get(task_id)
+    assert record.state == TaskState.CANCELLED
+    assert record.ended_at is not None
+    assert record.started_at is not None
+    assert record.ended_at - record.started_at < 15
