@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -117,6 +118,21 @@ class OpaDaemon:
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, sig)
+
+    def wait_stopped(self, timeout_s: float = 5.0) -> None:
+        """Wait until every OPA thread is in stopped state (SIGSTOP is asynchronous)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        states: set[str] = set()
+        while time.monotonic() < deadline:
+            states = set()
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                with contextlib.suppress(FileNotFoundError):  # a thread that just exited
+                    states.add((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            if states == {"T"}:
+                return
+            time.sleep(0.01)
+        pytest.fail(f"OPA did not stop: thread states {states}")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -282,6 +298,7 @@ async def test_stopped_opa_times_out(own_opa: OpaDaemon) -> None:
         assert (await eng.decide(command("echo"))).allow
         own_opa.signal(signal.SIGSTOP)
         try:
+            own_opa.wait_stopped()
             started = time.monotonic()
             decision = await eng.decide(command("echo"))
             elapsed = time.monotonic() - started
