@@ -20,11 +20,10 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.roundtrip import TOKEN, bare_spawn, gateway_echo, latencies
+from bench.roundtrip import TOKEN, bare_spawn, echo_decision_input, gateway_echo, latencies
 from gateway import bwrap as bw
-from gateway.models import CommandSpec, Subject
 from gateway.opa import OpaEngine
-from gateway.policy import EmbeddedEngine, PolicyEngine, build_policy_input
+from gateway.policy import EmbeddedEngine, PolicyEngine
 from tests.conftest import POLICIES, make_config
 from tests.integration.gateway_proc import GatewayProcess
 from tests.integration.test_policy_opa import OpaDaemon
@@ -35,14 +34,7 @@ def pct(values: list[float], q: int) -> float:
 
 
 async def decisions(engine: PolicyEngine, n: int) -> list[float]:
-    doc = build_policy_input(
-        "command.execute",
-        Subject("alice", ("developer",)),
-        request_id="bench",
-        transport="rest",
-        source="127.0.0.1",
-        command=CommandSpec("echo", ("hello",)),
-    )
+    doc = echo_decision_input()
 
     async def one() -> None:
         assert (await engine.decide(doc)).allow

@@ -29,18 +29,11 @@ from gateway.models import CommandSpec, Limits, SandboxRequest, Subject
 from gateway.policy import EmbeddedEngine, build_policy_input
 from gateway.proto import mcp_pb2, mcp_pb2_grpc
 from gateway.sandbox import BwrapSandbox
-from gateway.seccomp import seccomp_fd
+from gateway.seccomp import sealed_memfd, seccomp_fd
 from tests.conftest import USERS, make_config
 from tests.integration.gateway_proc import GatewayProcess
 
 TOKEN = USERS["alice"][0]
-
-
-def _memfd(name: str, data: bytes) -> int:
-    fd = os.memfd_create(name, 0)
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
 
 
 async def bare_spawn(workspace: str, layout: bw.HostLayout) -> None:
@@ -50,8 +43,8 @@ async def bare_spawn(workspace: str, layout: bw.HostLayout) -> None:
     )
     fds = [
         seccomp_fd(),
-        _memfd("passwd", bw.synthetic_passwd()),
-        _memfd("group", bw.synthetic_group()),
+        sealed_memfd("passwd", bw.synthetic_passwd()),
+        sealed_memfd("group", bw.synthetic_group()),
     ]
     argv = bw.build_bwrap_argv(
         req,
@@ -93,11 +86,9 @@ async def sandbox_run(sandbox: BwrapSandbox, workspace: str) -> None:
     assert result.exit_code == 0, result
 
 
-async def breakdown(workspace: str, n: int) -> dict[str, list[float]]:
-    """Where the round trip goes: the sandbox alone and one policy decision."""
-    sandbox = BwrapSandbox(cgroup_parent=f"mcp-bench-{os.getpid()}")
-    engine = EmbeddedEngine(Path(__file__).parents[1] / "policies", timeout_s=1.0)
-    doc = build_policy_input(
+def echo_decision_input() -> dict[str, object]:
+    """The policy input of a developer's ``echo hello`` (what every bench decides)."""
+    return build_policy_input(
         "command.execute",
         Subject("alice", ("developer",)),
         request_id="bench",
@@ -105,6 +96,13 @@ async def breakdown(workspace: str, n: int) -> dict[str, list[float]]:
         source="127.0.0.1",
         command=CommandSpec("echo", ("hello",)),
     )
+
+
+async def breakdown(workspace: str, n: int) -> dict[str, list[float]]:
+    """Where the round trip goes: the sandbox alone and one policy decision."""
+    sandbox = BwrapSandbox(cgroup_parent=f"mcp-bench-{os.getpid()}")
+    engine = EmbeddedEngine(Path(__file__).parents[1] / "policies", timeout_s=1.0)
+    doc = echo_decision_input()
 
     async def decide() -> None:
         assert (await engine.decide(doc)).allow

@@ -67,7 +67,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import json
 import os
 import resource
@@ -86,7 +85,7 @@ from gateway import bwrap as bw
 from gateway.cgroups import CgroupManager, Requested, TaskCgroup
 from gateway.errors import Unavailable
 from gateway.models import Limits, RunResult, SandboxRequest, Stream
-from gateway.seccomp import default_program, seccomp_fd
+from gateway.seccomp import default_program, sealed_memfd, seccomp_fd
 
 __all__ = [
     "BwrapSandbox",
@@ -305,16 +304,8 @@ def plan_rlimits(
 
 def _memfd(name: str, data: bytes) -> int:
     """A read-only fd on a sealed memfd holding ``data``, at offset 0."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = sealed_memfd(name, data)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        fcntl.fcntl(
-            fd,
-            fcntl.F_ADD_SEALS,
-            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL,
-        )
         # A fresh read-only open file description: the reader cannot write
         # (seals) or even hold a writable fd, and has its own offset 0.
         return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)

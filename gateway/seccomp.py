@@ -58,6 +58,7 @@ __all__ = [
     "SeccompRule",
     "compile_program",
     "default_program",
+    "sealed_memfd",
     "seccomp_fd",
     "seccomp_rules",
 ]
@@ -337,17 +338,15 @@ def default_program() -> SeccompProgram:
     return compile_program(seccomp_rules())
 
 
-def seccomp_fd(program: SeccompProgram | None = None) -> int:
-    """A new close-on-exec memfd holding ``program`` (default filter), sealed, at offset 0.
+def sealed_memfd(name: str, data: bytes) -> int:
+    """A new close-on-exec memfd holding ``data``, sealed against change, at offset 0.
 
-    The caller owns the fd: pass it to bwrap with ``pass_fds`` and close it
-    after the spawn.  The seals stop anyone holding the fd from changing the
-    filter between now and bwrap reading it.
+    The caller owns the fd.  The seals stop anyone holding it from changing
+    the contents between now and the reader (bwrap) reading them.
     """
-    program = program or default_program()
-    fd = os.memfd_create("mcp-seccomp", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        view = memoryview(program.bpf)
+        view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         fcntl.fcntl(
@@ -360,3 +359,11 @@ def seccomp_fd(program: SeccompProgram | None = None) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def seccomp_fd(program: SeccompProgram | None = None) -> int:
+    """A new sealed memfd (:func:`sealed_memfd`) holding ``program`` (default filter).
+
+    Pass it to bwrap with ``pass_fds`` and close it after the spawn.
+    """
+    return sealed_memfd("mcp-seccomp", (program or default_program()).bpf)
