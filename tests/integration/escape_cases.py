@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import os
 import re
+import secrets
 import socket
 import stat
 import subprocess
@@ -107,6 +108,45 @@ class EscapeCase:
 
 
 Runner = Callable[[EscapeCase, HostContext], Awaitable[Outcome]]
+
+
+class BaitListeners:
+    """A TCP listener on host loopback and one in the abstract unix namespace.
+
+    Sandboxed commands must reach neither; :meth:`connections` counts (and
+    drops) whatever did.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.bind(("127.0.0.1", 0))
+        self.tcp.listen(8)
+        self.abstract_name = prefix + secrets.token_hex(6)
+        self.unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.unix.bind("\0" + self.abstract_name)
+        self.unix.listen(8)
+
+    @property
+    def port(self) -> int:
+        port: int = self.tcp.getsockname()[1]
+        return port
+
+    def connections(self) -> int:
+        count = 0
+        for sock in (self.tcp, self.unix):
+            sock.setblocking(False)
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                count += 1
+        return count
+
+    def close(self) -> None:
+        self.tcp.close()
+        self.unix.close()
 
 
 # -- building blocks ---------------------------------------------------------------------

@@ -16,8 +16,7 @@ import base64
 import os
 import secrets
 import shlex
-import socket
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,13 @@ from aiohttp.test_utils import TestServer
 from gateway.app import build_app
 from gateway.audit import verify_file
 from tests.conftest import USERS, make_config
-from tests.integration.escape_cases import ESCAPE_CASES, EscapeCase, HostContext, Outcome
+from tests.integration.escape_cases import (
+    ESCAPE_CASES,
+    BaitListeners,
+    EscapeCase,
+    HostContext,
+    Outcome,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -72,24 +77,22 @@ def outcome(task: dict[str, Any]) -> Outcome:
 
 
 @pytest.fixture
-async def bait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[dict[str, Any]]:
-    secret = "s3cret-" + secrets.token_hex(8)
-    monkeypatch.setenv(SECRET_ENV, secret)
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.bind(("127.0.0.1", 0))
-    tcp.listen(8)
-    abstract_name = "mcp-rest-escape-" + secrets.token_hex(6)
-    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    unix.bind("\0" + abstract_name)
-    unix.listen(8)
-    yield {"secret": secret, "tcp": tcp, "unix": unix, "abstract_name": abstract_name}
-    tcp.close()
-    unix.close()
+def secret(monkeypatch: pytest.MonkeyPatch) -> str:
+    value = "s3cret-" + secrets.token_hex(8)
+    monkeypatch.setenv(SECRET_ENV, value)
+    return value
+
+
+@pytest.fixture
+def bait() -> Iterator[BaitListeners]:
+    listeners = BaitListeners("mcp-rest-escape-")
+    yield listeners
+    listeners.close()
 
 
 @pytest.mark.parametrize("case", ESCAPE_CASES, ids=lambda case: case.name)
 async def test_escape_is_contained_via_rest(
-    case: EscapeCase, state_dir: Path, bait: dict[str, Any]
+    case: EscapeCase, state_dir: Path, secret: str, bait: BaitListeners
 ) -> None:
     """Each escape attempt, sent through REST by a developer, is contained."""
     limits = {**BASE_LIMITS, **case.limits}
@@ -103,31 +106,18 @@ async def test_escape_is_contained_via_rest(
     workspaces = state_dir / "workspaces"
     other = workspaces / "bob"
     other.mkdir(parents=True, mode=0o700)
-    (other / "secret.txt").write_text(bait["secret"])
+    (other / "secret.txt").write_text(secret)
     (workspaces / "alice").mkdir(mode=0o700)
-
-    def connections() -> int:
-        count = 0
-        for sock in (bait["tcp"], bait["unix"]):
-            sock.setblocking(False)
-            while True:
-                try:
-                    conn, _ = sock.accept()
-                except BlockingIOError:
-                    break
-                conn.close()
-                count += 1
-        return count
 
     ctx = HostContext(
         token=USERS["alice"][0],
-        secret=bait["secret"],
+        secret=secret,
         secret_env=SECRET_ENV,
         workspace=str(workspaces / "alice"),
         other_workspace=str(other),
-        host_port=bait["tcp"].getsockname()[1],
-        abstract_name=bait["abstract_name"],
-        connections=connections,
+        host_port=bait.port,
+        abstract_name=bait.abstract_name,
+        connections=bait.connections,
         cgroup_controllers=frozenset({"memory", "pids", "cpu"}),
         gateway_is_root=os.geteuid() == 0,
     )

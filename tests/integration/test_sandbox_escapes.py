@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import os
 import secrets
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,14 @@ import pytest
 
 from gateway.models import Limits, SandboxRequest, Stream
 from gateway.sandbox import BwrapSandbox
-from tests.integration.escape_cases import ESCAPE_CASES, EscapeCase, HostContext, Outcome, Runner
+from tests.integration.escape_cases import (
+    ESCAPE_CASES,
+    BaitListeners,
+    EscapeCase,
+    HostContext,
+    Outcome,
+    Runner,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -41,42 +47,20 @@ def host_context(
     other = tmp_path / "other-subject"
     other.mkdir()
     (other / "secret.txt").write_text(secret)
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.bind(("127.0.0.1", 0))
-    tcp.listen(8)
-    abstract_name = "mcp-escape-" + secrets.token_hex(6)
-    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    unix.bind("\0" + abstract_name)
-    unix.listen(8)
-    listeners = (tcp, unix)
-
-    def connections() -> int:
-        count = 0
-        for sock in listeners:
-            sock.setblocking(False)
-            while True:
-                try:
-                    conn, _ = sock.accept()
-                except BlockingIOError:
-                    break
-                conn.close()
-                count += 1
-        return count
-
+    bait = BaitListeners("mcp-escape-")
     yield HostContext(
         token="escape-token-" + secrets.token_hex(8),
         secret=secret,
         secret_env=SECRET_ENV,
         workspace=str(workspace),
         other_workspace=str(other),
-        host_port=tcp.getsockname()[1],
-        abstract_name=abstract_name,
-        connections=connections,
+        host_port=bait.port,
+        abstract_name=bait.abstract_name,
+        connections=bait.connections,
         cgroup_controllers=sandbox.cgroups.controllers,
         gateway_is_root=os.geteuid() == 0,
     )
-    for sock in listeners:
-        sock.close()
+    bait.close()
 
 
 @pytest.fixture
