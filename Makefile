@@ -16,13 +16,13 @@ PYTEST     := $(BIN)/pytest
 run: sysdeps venv
 	$(BIN)/mcp-gateway serve --config $(CONFIG)
 
-test: sysdeps venv lint policy-check grpcurl
+test: sysdeps venv lint policy-check grpcurl jaeger observability-check
 	$(PYTEST) -q tests/unit tests/integration
 
 test-unit: venv
 	$(PYTEST) -q -m unit tests/unit
 
-test-integration: sysdeps venv opa grpcurl
+test-integration: sysdeps venv opa grpcurl jaeger
 	$(PYTEST) -q tests/integration
 
 lint: venv
@@ -34,9 +34,10 @@ fmt: venv
 	$(BIN)/ruff format gateway tests bench
 	$(BIN)/ruff check --fix gateway tests bench
 
-bench: sysdeps venv opa
+bench: sysdeps venv opa jaeger
 	$(BIN)/python -m bench.roundtrip
 	$(BIN)/python -m bench.policy_engines
+	$(BIN)/python -m bench.tracing
 
 venv: $(STAMP)
 
@@ -53,11 +54,13 @@ sysdeps:
 	@missing=""; \
 	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	ldconfig -p 2>/dev/null | grep -q 'libseccomp.so.2' || missing="$$missing libseccomp2"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      $$missing >/dev/null; \
 	  else \
 	    echo "error: missing Debian packages:$$missing"; \
 	    echo "       run: sudo apt-get install$$missing"; exit 1; \
@@ -116,3 +119,32 @@ $(GRPCURL_STAMP):
 	  github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 	@$(GRPCURL) -version
 	touch $@
+
+# --- Observability ----------------------------------------------------------
+# promtool and the Prometheus server come from Debian's prometheus package
+# (sysdeps).  Jaeger (the OTLP receiver the tracing tests and bench export
+# to) is built from source through the Go module proxy, pinned, in a tools
+# module of its own under $(TOOLS)/src: its go.mod carries replace
+# directives, which `go install pkg@version` refuses.  The first build takes
+# several minutes on 2 cores.
+JAEGER_VERSION := v1.75.0
+JAEGER         := $(TOOLS)/bin/jaeger
+JAEGER_STAMP   := $(TOOLS)/.jaeger-$(JAEGER_VERSION)
+OBS_DIR        := docs/observability
+
+.PHONY: jaeger observability-check
+
+jaeger: $(JAEGER_STAMP)
+
+$(JAEGER_STAMP):
+	@mkdir -p $(TOOLS)/bin $(TOOLS)/src/jaeger
+	cd $(TOOLS)/src/jaeger && rm -f go.mod go.sum && \
+	  $(GO) mod init mcp-gateway-tools/jaeger && \
+	  GOFLAGS=-mod=mod $(GO) get -tool github.com/jaegertracing/jaeger/cmd/jaeger@$(JAEGER_VERSION) && \
+	  $(GO) build -trimpath -o $(abspath $(TOOLS))/bin/jaeger github.com/jaegertracing/jaeger/cmd/jaeger
+	touch $@
+
+observability-check: sysdeps
+	promtool check rules $(OBS_DIR)/rules/mcp-gateway.rules.yml
+	cd $(OBS_DIR)/rules && promtool test rules mcp-gateway.rules.test.yml
+	promtool check config --syntax-only $(OBS_DIR)/prometheus.yml

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
+from gateway import __version__
 from gateway.audit import AuditLog, AuditSink
 from gateway.auth import TokenAuthenticator
 from gateway.config import Config
@@ -29,6 +30,7 @@ from gateway.sandbox import BwrapSandbox, Sandbox, kill_orphans
 from gateway.service import Gateway
 from gateway.store import SqliteTaskStore
 from gateway.tasks import TaskManager
+from gateway.tracing import Tracing, make_tracing
 from gateway.workspace import Workspaces
 
 log = structlog.get_logger("gateway.app")
@@ -41,6 +43,7 @@ class Components:
     policy: PolicyEngine | None = None
     sandbox: Sandbox | None = None
     audit: AuditSink | None = None
+    tracing: Tracing | None = None
 
 
 def make_policy(config: Config) -> PolicyEngine:
@@ -59,10 +62,11 @@ def make_policy(config: Config) -> PolicyEngine:
     return EmbeddedEngine(policy.dir, timeout_s=policy.timeout_s)
 
 
-def make_sandbox(config: Config) -> BwrapSandbox:
+def make_sandbox(config: Config, tracing: Tracing | None = None) -> BwrapSandbox:
     return BwrapSandbox(
         bwrap_path=str(config.sandbox.bwrap),
         cgroup_parent=config.sandbox.cgroup_parent,
+        tracing=tracing,
     )
 
 
@@ -71,19 +75,22 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
     """Build every component, run start-up checks, and close them in reverse."""
     parts = parts or Components()
     metrics = Metrics()
+    tracing = parts.tracing or make_tracing(config.tracing)
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     audit = parts.audit or AuditLog(
         config.audit_path,
         redact=config.audit.redact,
         also_journald=config.audit.journald,
         on_latency=metrics.audit_write_seconds.observe,
+        tracing=tracing,
     )
     store = SqliteTaskStore(config.state_dir / "tasks.db")
     policy = parts.policy or make_policy(config)
+    metrics.build_info.labels(version=__version__, policy_engine=policy.name).set(1)
     owned_sandbox: BwrapSandbox | None = None
     sandbox: Sandbox
     if parts.sandbox is None:
-        sandbox = owned_sandbox = make_sandbox(config)
+        sandbox = owned_sandbox = make_sandbox(config, tracing)
     else:
         sandbox = parts.sandbox
     workspaces = Workspaces(
@@ -100,6 +107,7 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
         max_queue=config.tasks.max_queue,
         retention_s=config.tasks.retention_s,
         metrics=metrics,
+        tracing=tracing,
     )
     try:
         # Fail closed: a gateway whose sandbox does not work must not serve.
@@ -130,6 +138,7 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
             workspaces=workspaces,
             metrics=metrics,
             reloader=reloader,
+            tracing=tracing,
         )
         if reloader is None:
             yield gateway
@@ -145,6 +154,9 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
         if owned_sandbox is not None:
             owned_sandbox.close()
         await audit.close()
+        if parts.tracing is None:
+            # Flushes the spans still queued (bounded by tracing.timeout_s).
+            await asyncio.to_thread(tracing.shutdown)
 
 
 def build_app(config: Config, parts: Components | None = None) -> web.Application:

@@ -80,6 +80,7 @@ from gateway.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from gateway.tracing import Tracing, current_trace_ids
 
 __all__ = [
     "GENESIS",
@@ -501,8 +502,10 @@ class AuditLog(AuditSink):
         also_journald: bool = False,
         on_latency: Callable[[float], object] | None = None,
         journald_socket: Path = JOURNALD_SOCKET,
+        tracing: Tracing | None = None,
     ) -> None:
         self._path = Path(path)
+        self._tracing = tracing or Tracing()
         self._formatter = RecordFormatter(redact=redact, clock=clock)
         self._also_journald = also_journald
         self._journald_socket = journald_socket
@@ -526,8 +529,14 @@ class AuditLog(AuditSink):
         other I/O failures or a corrupt log.
         """
         check_fields(event, fields)
-        async with self._lock:
-            digest, elapsed = await asyncio.to_thread(self._write_blocking, event, fields)
+        ids = current_trace_ids()
+        if ids and "trace_id" not in fields:
+            # The trace of the request this record belongs to: an auditor can
+            # jump from the record to its trace (and back, by trace id).
+            fields = {**fields, "trace_id": ids["trace_id"]}
+        with self._tracing.span("audit.write", attributes={"mcp.audit.event": event}):
+            async with self._lock:
+                digest, elapsed = await asyncio.to_thread(self._write_blocking, event, fields)
         if self._on_latency is not None:
             with contextlib.suppress(Exception):
                 self._on_latency(elapsed)

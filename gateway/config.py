@@ -158,7 +158,30 @@ class AuditConfig(_Section):
 
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["console", "json"] = "console"
+    # "auto": JSON lines under systemd (JOURNAL_STREAM is set), console otherwise.
+    format: Literal["auto", "console", "json"] = "auto"
+
+
+class TracingConfig(_Section):
+    """OpenTelemetry traces over OTLP; off by default (see docs/observability.md)."""
+
+    enabled: bool = False
+    # OTLP endpoint: for "grpc" host:port or http(s)://host:port; for
+    # "http/protobuf" the base URL (the exporter appends /v1/traces).
+    endpoint: Annotated[str, Field(min_length=1)] = "http://127.0.0.1:4317"
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    headers: dict[str, str] = Field(default_factory=dict)
+    # TLS towards the collector: "insecure" means plaintext (loopback only).
+    insecure: bool = True
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 10.0
+    # Head sampling for new traces; a sampled parent from the caller is honoured.
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+    service_name: Annotated[str, Field(min_length=1)] = "mcp-gateway"
+    # Extra resource attributes (deployment.environment, service.instance.id...).
+    resource: dict[str, str] = Field(default_factory=dict)
 
 
 class Config(_Section):
@@ -173,6 +196,7 @@ class Config(_Section):
     files: FilesConfig = FilesConfig()
     audit: AuditConfig = AuditConfig()
     logging: LoggingConfig = LoggingConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @property
     def audit_path(self) -> Path:
@@ -235,6 +259,7 @@ def parse(data: object, env: Mapping[str, str] | None = None, base: Path | None 
     if config.sandbox.limits.timeout_s > config.sandbox.limits.max_timeout_s:
         raise ConfigError("sandbox.limits.timeout_s: must not exceed sandbox.limits.max_timeout_s")
     _check_tls(config.tls)
+    _check_tracing(config.tracing)
     if base is not None:
         config = _resolve(config, base)
     return config
@@ -257,6 +282,15 @@ def _check_tls(tls: TlsConfig) -> None:
             raise ConfigError("invalid configuration: tls.mtls_subjects: needs tls.client_ca_file")
 
 
+def _check_tracing(tracing: TracingConfig) -> None:
+    if (tracing.cert_file is None) != (tracing.key_file is None):
+        raise ConfigError(
+            "invalid configuration: tracing.cert_file: give both cert_file and key_file or neither"
+        )
+    if tracing.insecure and (tracing.ca_file or tracing.cert_file):
+        raise ConfigError("invalid configuration: tracing.insecure: true conflicts with TLS files")
+
+
 def _resolve(config: Config, base: Path) -> Config:
     def rel(path: Path) -> Path:
         return path if path.is_absolute() else (base / path).resolve()
@@ -277,6 +311,13 @@ def _resolve(config: Config, base: Path) -> Config:
             "tls": tls,
             "policy": config.policy.model_copy(update={"dir": rel(config.policy.dir)}),
             "audit": audit,
+            "tracing": config.tracing.model_copy(
+                update={
+                    key: rel(value)
+                    for key in ("ca_file", "cert_file", "key_file")
+                    if (value := getattr(config.tracing, key)) is not None
+                }
+            ),
         }
     )
 

@@ -20,7 +20,7 @@ import contextlib
 import datetime
 import mimetypes
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -28,6 +28,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import Span, SpanKind
 
 from gateway import __version__
 from gateway.auth import PeerIdentity, TokenAuthenticator
@@ -44,6 +45,7 @@ from gateway.proto import mcp_pb2, mcp_pb2_grpc
 from gateway.schema import parse_execute, parse_mode, parse_task_id
 from gateway.service import Gateway, RequestContext
 from gateway.store import TaskRecord
+from gateway.tracing import extract
 from gateway.workspace import FileEntry
 
 log = structlog.get_logger("gateway.grpc")
@@ -261,8 +263,38 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
             (("mcp-error-code", "INTERNAL"), ("mcp-request-id", ctx.request_id)),
         )
 
-    def _count(self, method: str, code: str) -> None:
-        self.gateway.metrics.api_requests.labels(transport="grpc", method=method, code=code).inc()
+    def _count(self, method: str, code: str, started: float | None = None) -> None:
+        metrics = self.gateway.metrics
+        metrics.api_requests.labels(transport="grpc", method=method, code=code).inc()
+        if started is not None:
+            metrics.api_request_seconds.labels(transport="grpc", method=method).observe(
+                time.perf_counter() - started
+            )
+
+    @contextlib.contextmanager
+    def _server_span(self, method: str, context: _Context, ctx: RequestContext) -> Iterator[Span]:
+        """The RPC's span, continuing the caller's trace context from its metadata."""
+        carrier: dict[str, str] = {}
+        for key, value in context.invocation_metadata() or ():
+            carrier[key] = value if isinstance(value, str) else value.decode("latin-1")
+        structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
+        with self.gateway.tracing.span(
+            f"mcp.McpService/{method}",
+            kind=SpanKind.SERVER,
+            parent=extract(carrier),
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": "mcp.McpService",
+                "rpc.method": method,
+                "mcp.transport": "grpc",
+                "mcp.request_id": ctx.request_id,
+            },
+        ) as span:
+            yield span
+
+    def _auth_span(self, context: _Context) -> Subject:
+        with self.gateway.tracing.span("auth.authenticate"):
+            return self._authenticate(context)
 
     async def _unary(
         self,
@@ -274,19 +306,22 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         ctx = self._ctx(context)
         subject: Subject | None = None
         code = "OK"
-        try:
-            subject = self._authenticate(context)
-            return await handler(subject, ctx)
-        except McpError as exc:
-            code = str(exc.code)
-            await self._fail(context, ctx, subject, exc)
-            raise  # not reached: abort raises
-        except Exception:
-            code = "INTERNAL"
-            await self._internal(context, ctx)
-            raise
-        finally:
-            self._count(method, code)
+        started = time.perf_counter()
+        with self._server_span(method, context, ctx) as span:
+            try:
+                subject = self._auth_span(context)
+                return await handler(subject, ctx)
+            except McpError as exc:
+                code = str(exc.code)
+                span.set_attribute("rpc.grpc.status_code", GRPC_STATUS[exc.code].value[0])
+                await self._fail(context, ctx, subject, exc)
+                raise  # not reached: abort raises
+            except Exception:
+                code = "INTERNAL"
+                await self._internal(context, ctx)
+                raise
+            finally:
+                self._count(method, code, started)
 
     # -- RPCs ----------------------------------------------------------------------
 
@@ -337,10 +372,18 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
     ) -> AsyncIterator[mcp_pb2.TaskOutputChunk]:
         """Output from the start, live, then one CHUNK_EXIT_CODE chunk with the end state."""
         ctx = self._ctx(context)
+        with self._server_span("StreamTaskOutput", context, ctx):
+            async for item in self._stream_output(request, context, ctx):
+                yield item
+
+    async def _stream_output(
+        self, request: mcp_pb2.TaskStatusRequest, context: _Context, ctx: RequestContext
+    ) -> AsyncIterator[mcp_pb2.TaskOutputChunk]:
         subject: Subject | None = None
         code = "OK"
+        started = time.perf_counter()
         try:
-            subject = self._authenticate(context)
+            subject = self._auth_span(context)
             task_id = parse_task_id(request.task_id)
             chunks = await self.gateway.output(subject, task_id, ctx)
             async for chunk in chunks:
@@ -369,7 +412,7 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
             code = "INTERNAL"
             await self._internal(context, ctx)
         finally:
-            self._count("StreamTaskOutput", code)
+            self._count("StreamTaskOutput", code, started)
 
     async def CancelTask(  # noqa: N802
         self, request: mcp_pb2.TaskStatusRequest, context: _Context

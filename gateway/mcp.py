@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from gateway import __version__
@@ -30,6 +32,7 @@ from gateway.rest import GATEWAY, SUBJECT
 from gateway.schema import parse_execute, pydantic_error
 from gateway.service import Gateway, RequestContext
 from gateway.store import TaskRecord
+from gateway.tracing import extract_meta
 from gateway.workspace import ROOT, normalize_path
 
 log = structlog.get_logger("gateway.mcp")
@@ -528,16 +531,36 @@ async def _post(request: web.Request) -> web.Response:
         # A notification (notifications/initialized, cancelled...) or a response.
         return web.Response(status=202)
 
+    gateway = request.app[GATEWAY]
     call = _Call(
         request,
-        request.app[GATEWAY],
+        gateway,
         subject,
         RequestContext(transport="mcp", source=request.remote or ""),
     )
-    try:
-        result = await _dispatch(call, method, params)
-    except _RpcError as exc:
-        return _rpc_error(request_id, exc.code, exc.message, status=exc.status)
+    # params._meta.traceparent (the MCP convention) continues the agent's
+    # trace; without it the span is a child of the HTTP request's span.
+    http_span = trace.get_current_span()
+    parent = extract_meta(params.get("_meta"))
+    tool = params.get("name") if method == "tools/call" else None
+    attributes: dict[str, str] = {"mcp.method.name": method, "mcp.transport": "mcp"}
+    if isinstance(tool, str):
+        attributes["gen_ai.tool.name"] = tool
+    with gateway.tracing.span(
+        f"{method} {tool}" if isinstance(tool, str) else method,
+        kind=SpanKind.SERVER,
+        parent=parent,
+        attributes=attributes,
+    ) as span:
+        if parent is not None and http_span.get_span_context().is_valid:
+            span.add_link(http_span.get_span_context())
+        try:
+            result = await _dispatch(call, method, params)
+        except _RpcError as exc:
+            span.set_attribute("rpc.jsonrpc.error_code", exc.code)
+            return _rpc_error(request_id, exc.code, exc.message, status=exc.status)
+        if result.get("isError") is True:
+            span.set_attribute("mcp.tool.is_error", True)
     return web.json_response({"jsonrpc": "2.0", "id": request_id, "result": result})
 
 

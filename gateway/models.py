@@ -123,3 +123,4 @@ class RunResult:
     max_rss_bytes: int = 0
     wall_time_s: float = 0.0
     error: str | None = None  # sandbox failure (bwrap could not start the command)
+    spawn_s: float | None = None  # from run() to the command's release (None: never released)

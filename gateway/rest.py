@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway import __version__
 from gateway.auth import PeerIdentity, TokenAuthenticator
@@ -30,6 +32,7 @@ from gateway.openapi import openapi_document
 from gateway.schema import parse_bool, parse_execute, parse_mode, parse_task_id
 from gateway.service import Gateway, RequestContext
 from gateway.store import TaskRecord
+from gateway.tracing import current_trace_ids, extract
 from gateway.workspace import FileEntry
 
 log = structlog.get_logger("gateway.rest")
@@ -82,18 +85,55 @@ def _error_response(error: McpError, request_id: str) -> web.Response:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authenticate, count, and turn every failure into a JSON error."""
+    """Trace, authenticate, count, and turn every failure into a JSON error.
+
+    The request's span continues the caller's W3C trace context
+    (``traceparent``/``tracestate`` headers); structlog lines of the request
+    carry its ``request_id``, and the response names it (``X-Request-Id``)
+    and the trace (``X-Trace-Id``).
+    """
     gateway = request.app[GATEWAY]
-    source = request.remote or ""
-    ctx = RequestContext(transport="rest", source=source)
+    ctx = RequestContext(transport="rest", source=request.remote or "")
     request[CTX] = ctx
     route = request.match_info.route.name or "unmatched"
+    resource = request.match_info.route.resource
+    template = resource.canonical if resource is not None else ""
+    started = time.perf_counter()
+    structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
+    with gateway.tracing.span(
+        f"{request.method} {template}" if template else f"{request.method}",
+        kind=SpanKind.SERVER,
+        parent=extract(request.headers),
+        attributes={
+            "http.request.method": request.method,
+            "http.route": template,
+            "mcp.transport": "rest",
+            "mcp.request_id": ctx.request_id,
+        },
+    ) as span:
+        response = await _handle(request, handler, gateway, ctx, route)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        trace_id = current_trace_ids().get("trace_id")
+    gateway.metrics.api_request_seconds.labels(transport="rest", method=route).observe(
+        time.perf_counter() - started
+    )
+    if trace_id is not None and not response.prepared:
+        response.headers["X-Trace-Id"] = trace_id
+    return response
+
+
+async def _handle(
+    request: web.Request, handler: Handler, gateway: Gateway, ctx: RequestContext, route: str
+) -> web.StreamResponse:
     code = "OK"
     try:
         if request.path not in request.app[PUBLIC]:
-            request[SUBJECT] = request.app[AUTH].authenticate(
-                request.headers.get("Authorization"), _peer(request)
-            )
+            with gateway.tracing.span("auth.authenticate"):
+                request[SUBJECT] = request.app[AUTH].authenticate(
+                    request.headers.get("Authorization"), _peer(request)
+                )
         response = await handler(request)
     except McpError as exc:
         code = str(exc.code)
@@ -142,7 +182,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     finally:
         gateway.metrics.api_requests.labels(transport="rest", method=route, code=code).inc()
-    response.headers["X-Request-Id"] = ctx.request_id
+    if not response.prepared:
+        response.headers["X-Request-Id"] = ctx.request_id
     return response
 
 

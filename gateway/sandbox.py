@@ -86,6 +86,7 @@ from gateway.cgroups import CgroupManager, Requested, TaskCgroup
 from gateway.errors import Unavailable
 from gateway.models import Limits, RunResult, SandboxRequest, Stream
 from gateway.seccomp import default_program, sealed_memfd, seccomp_fd
+from gateway.tracing import Tracing
 
 __all__ = [
     "BwrapSandbox",
@@ -558,6 +559,7 @@ class _Run:
     timed_out: bool = False
     cancelled: bool = False
     error: str | None = None
+    released_s: float | None = None  # run() start to the command's release
 
 
 class BwrapSandbox:
@@ -582,8 +584,10 @@ class BwrapSandbox:
         chunk_bytes: int = 64 * 1024,
         dev_dir_parent: str | None = None,
         cgroup_manager: CgroupManager | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         check_bwrap(bwrap_path)
+        self.tracing = tracing or Tracing()
         self.bwrap_path = bwrap_path
         self.kill_grace_s = kill_grace_s
         self.chunk_bytes = chunk_bytes
@@ -632,24 +636,51 @@ class BwrapSandbox:
             "stdout": OutputCap(lim.output_bytes),
             "stderr": OutputCap(lim.output_bytes),
         }
-        proc = self._spawn(run, asyncio.get_running_loop(), caps, on_output)
-        if proc is None:
-            return self._result(run, caps, None)
-        run.proc = proc
+        with self.tracing.span("sandbox.spawn") as span:
+            proc = self._spawn(run, asyncio.get_running_loop(), caps, on_output)
+            if proc is None:
+                span.set_attribute("mcp.sandbox.error", run.error or "")
+                return self._result(run, caps, None)
+            run.proc = proc
+            run.child_pid = parse_info(await self._read_info(run, proc))
+            if run.child_pid is None or not self._place(run, proc):
+                # bwrap failed (or is stuck) before reporting its child, or the
+                # child could not be confined: it must never run the command.
+                self._kill_now(run)
+                if run.child_pid is None and run.error is None:
+                    run.error = "sandbox: bwrap failed before starting the sandbox"
+                span.set_attribute("mcp.sandbox.error", run.error or "")
+            else:
+                run.released_s = time.monotonic() - run.started
+            span.set_attribute("mcp.sandbox.cgroups", self.cgroups.mode)
+            # Release the block fd: bwrap forks and execs the command now.
+            _close(proc.block_w)
+            proc.block_w = -1
+
+        with self.tracing.span("command.run") as span:
+            end = await self._supervise(run, proc, cancel)
+            span.set_attribute("mcp.task.timed_out", run.timed_out)
+            span.set_attribute("mcp.task.cancelled", run.cancelled)
+            if end.status is not None:
+                code, sig = decode_status(end.status)
+                if code is not None:
+                    span.set_attribute("process.exit.code", code)
+                if sig is not None:
+                    span.set_attribute("mcp.task.signal", sig)
+
+        # bwrap is gone and its pid 1 dies with it (--die-with-parent); kill
+        # whatever is left in the cgroup so that the pipes reach EOF.
+        await self._kill_tree(run)
+        await self._drain(proc)
+        for pump in proc.pumps:
+            if pump.error is not None:
+                raise pump.error
+        return self._result(run, caps, end)
+
+    async def _supervise(self, run: _Run, proc: _Proc, cancel: asyncio.Event) -> _Exit:
+        """Wait for bwrap to exit, killing the tree on timeout or cancel."""
         exited = proc.reaper.exited
-
-        run.child_pid = parse_info(await self._read_info(run, proc))
-        if run.child_pid is None or not self._place(run, proc):
-            # bwrap failed (or is stuck) before reporting its child, or the
-            # child could not be confined: it must never run the command.
-            self._kill_now(run)
-            if run.child_pid is None and run.error is None:
-                run.error = "sandbox: bwrap failed before starting the sandbox"
-        # Release the block fd: bwrap forks and execs the command now.
-        _close(proc.block_w)
-        proc.block_w = -1
-
-        deadline = run.started + lim.timeout_s
+        deadline = run.started + run.req.limits.timeout_s
         cancel_wait = asyncio.ensure_future(cancel.wait())
         try:
             waiters: set[asyncio.Future[Any]] = {exited, cancel_wait}
@@ -665,20 +696,11 @@ class BwrapSandbox:
                 else:
                     run.timed_out = True
                     await self._kill_tree(run)
-            end = _shim_report(proc, await exited)
+            return _shim_report(proc, await exited)
         finally:
             cancel_wait.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await cancel_wait
-
-        # bwrap is gone and its pid 1 dies with it (--die-with-parent); kill
-        # whatever is left in the cgroup so that the pipes reach EOF.
-        await self._kill_tree(run)
-        await self._drain(proc)
-        for pump in proc.pumps:
-            if pump.error is not None:
-                raise pump.error
-        return self._result(run, caps, end)
 
     def _spawn(
         self,
@@ -926,6 +948,7 @@ class BwrapSandbox:
             cpu_time_s=cpu,
             max_rss_bytes=rss,
             wall_time_s=wall,
+            spawn_s=run.released_s,
             error=error,
         )
 

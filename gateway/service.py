@@ -29,6 +29,7 @@ from gateway.reload import PolicyReloader
 from gateway.sandbox import Sandbox
 from gateway.store import TaskRecord
 from gateway.tasks import OutputChunk, TaskManager
+from gateway.tracing import Tracing
 from gateway.workspace import FileEntry, Listing, Workspaces
 
 log = structlog.get_logger("gateway.service")
@@ -88,8 +89,10 @@ class Gateway:
         metrics: Metrics,
         reloader: PolicyReloader | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
+        self.tracing = tracing or Tracing()
         self.policy = policy
         self.sandbox = sandbox
         self.audit = audit
@@ -123,15 +126,44 @@ class Gateway:
             source=ctx.source,
             **details,
         )
-        try:
-            decision = await self.policy.decide(doc)
-        except Exception as exc:  # any engine failure denies (fail closed)
-            log.warning("policy engine failed", error=str(exc), engine=self.policy.name)
-            self.metrics.policy_errors.labels(engine=self.policy.name).inc()
-            decision = Decision.deny(f"policy engine error: {exc}", engine=self.policy.name)
-        self.metrics.policy_decisions.labels(
-            action=action, result="allow" if decision.allow else "deny"
-        ).inc()
+        with self.tracing.span(
+            "policy.decide",
+            attributes={"mcp.policy.engine": self.policy.name, "mcp.policy.action": action},
+        ) as span:
+            started = time.perf_counter()
+            try:
+                decision = await self.policy.decide(doc)
+            except Exception as exc:  # any engine failure denies (fail closed)
+                log.warning("policy engine failed", error=str(exc), engine=self.policy.name)
+                self.metrics.policy_errors.labels(engine=self.policy.name).inc()
+                decision = Decision.deny(f"policy engine error: {exc}", engine=self.policy.name)
+            self.metrics.policy_decision_seconds.labels(engine=self.policy.name).observe(
+                time.perf_counter() - started
+            )
+            self.metrics.policy_decisions.labels(
+                action=action, result="allow" if decision.allow else "deny"
+            ).inc()
+            span.set_attribute("mcp.policy.allow", decision.allow)
+            if decision.decision_id:
+                span.set_attribute("mcp.policy.decision_id", decision.decision_id)
+            if decision.revision:
+                span.set_attribute("mcp.policy.revision", decision.revision)
+            await self._audit_decision(action, subject, ctx, doc, decision)
+        if not decision.allow:
+            raise PermissionDenied(
+                "denied by policy: " + "; ".join(decision.deny_reasons or ("no reason given",)),
+                reasons=list(decision.deny_reasons),
+            )
+        return decision
+
+    async def _audit_decision(
+        self,
+        action: str,
+        subject: Subject,
+        ctx: RequestContext,
+        doc: Mapping[str, Any],
+        decision: Decision,
+    ) -> None:
         record = {
             "action": action,
             "subject": subject.id,
@@ -149,12 +181,6 @@ class Gateway:
             "input": {k: v for k, v in doc.items() if k in ("command", "file", "task", "sandbox")},
         }
         await self._audit_or_unavailable("policy.decision", record)
-        if not decision.allow:
-            raise PermissionDenied(
-                "denied by policy: " + "; ".join(decision.deny_reasons or ("no reason given",)),
-                reasons=list(decision.deny_reasons),
-            )
-        return decision
 
     async def _audit_or_unavailable(self, event: str, fields: Mapping[str, Any]) -> None:
         started = time.perf_counter()
@@ -226,7 +252,22 @@ class Gateway:
     ) -> AsyncIterator[OutputChunk]:
         """Authorize now; the returned iterator follows the output live."""
         await self.task(subject, task_id, ctx)
-        return self.tasks.stream(task_id)
+        return self._traced_stream(task_id)
+
+    async def _traced_stream(self, task_id: str) -> AsyncIterator[OutputChunk]:
+        # Not made current: a reader may abandon the iterator from anywhere,
+        # and a span that is only started and ended cannot leak a context.
+        span = self.tracing.tracer.start_span("output.stream", attributes={"mcp.task.id": task_id})
+        chunks = sent = 0
+        try:
+            async for chunk in self.tasks.stream(task_id):
+                chunks += 1
+                sent += len(chunk.data)
+                yield chunk
+        finally:
+            span.set_attribute("mcp.output.chunks", chunks)
+            span.set_attribute("mcp.output.bytes", sent)
+            span.end()
 
     async def cancel(self, subject: Subject, task_id: str, ctx: RequestContext) -> TaskRecord:
         record = self.tasks.get(task_id)
@@ -319,6 +360,9 @@ class Gateway:
                 except Exception as exc:
                     ok = False
                     checks[name] = {"ok": False, "error": str(exc)}
+            self.metrics.set_ready(
+                {name: bool(checks[name]["ok"]) for name in ("sandbox", "policy", "disk")}
+            )
             checks["tasks"] = {"running": self.tasks.running, "queued": self.tasks.queued}
             self._ready = {"ready": ok, "checks": checks}
             self._ready_at = self._clock()

@@ -27,6 +27,7 @@ from gateway.metrics import Metrics
 from gateway.models import RunResult, SandboxRequest, Stream, TaskState
 from gateway.sandbox import Sandbox
 from gateway.store import TaskRecord, TaskStore
+from gateway.tracing import Tracing
 
 log = structlog.get_logger("gateway.tasks")
 
@@ -51,6 +52,7 @@ class _Live:
     cancel: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     cancel_reason: str = ""
+    queue_wait_s: float = 0.0
 
     def append(self, stream: Stream, data: bytes) -> None:
         self.chunks.append(OutputChunk(stream, data, self.sizes[stream]))
@@ -77,8 +79,10 @@ class TaskManager:
         retention_s: float,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        tracing: Tracing | None = None,
     ) -> None:
         self._sandbox = sandbox
+        self._tracing = tracing or Tracing()
         self._store = store
         self._audit = audit
         self._max_concurrent = max_concurrent
@@ -87,6 +91,8 @@ class TaskManager:
         self._metrics = metrics or Metrics()
         self._clock = clock
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._metrics.tasks_capacity.labels(kind="concurrent").set(max_concurrent)
+        self._metrics.tasks_capacity.labels(kind="queue").set(max_queue)
         self._live: dict[str, _Live] = {}
         self._runners: set[asyncio.Task[None]] = set()
         self._queued = 0
@@ -182,9 +188,24 @@ class TaskManager:
         return record
 
     async def _run(self, live: _Live) -> None:
+        # The runner inherits the submitting request's context, so task.run
+        # is a child of the request span even when the request has returned.
+        with self._tracing.span("task.run", attributes={"mcp.task.id": live.record.id}) as span:
+            await self._run_traced(live)
+            span.set_attribute("mcp.task.state", str(live.record.state))
+
+    async def _run_traced(self, live: _Live) -> None:
         record = live.record
         try:
-            async with self._slots:
+            queued_at = time.monotonic()
+            wait_span = self._tracing.tracer.start_span("task.queue_wait")
+            try:
+                await self._slots.acquire()
+            finally:
+                wait_span.end()
+            try:
+                live.queue_wait_s = time.monotonic() - queued_at
+                self._metrics.task_queue_wait_seconds.observe(live.queue_wait_s)
                 self._queued -= 1
                 self._metrics.tasks_queued.set(self._queued)
                 if live.cancel.is_set():
@@ -197,6 +218,10 @@ class TaskManager:
                     finally:
                         self._running -= 1
                         self._metrics.tasks_running.set(self._running)
+            finally:
+                self._slots.release()
+            if result.spawn_s is not None:
+                self._metrics.task_start_seconds.observe(live.queue_wait_s + result.spawn_s)
             await self._finish(live, result)
         except Exception as exc:  # the runner must always end the task
             log.exception("task runner failed", task_id=record.id)
