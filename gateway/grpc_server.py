@@ -267,8 +267,14 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         metrics = self.gateway.metrics
         metrics.api_requests.labels(transport="grpc", method=method, code=code).inc()
         if started is not None:
-            metrics.api_request_seconds.labels(transport="grpc", method=method).observe(
-                time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            metrics.api_request_seconds.labels(transport="grpc", method=method).observe(elapsed)
+            log.info(
+                "request",
+                method=method,
+                code=code,
+                duration_ms=round(elapsed * 1000, 2),
+                transport="grpc",
             )
 
     @contextlib.contextmanager

@@ -116,9 +116,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if response.status >= 500:
             span.set_status(Status(StatusCode.ERROR))
         trace_id = current_trace_ids().get("trace_id")
-    gateway.metrics.api_request_seconds.labels(transport="rest", method=route).observe(
-        time.perf_counter() - started
-    )
+        elapsed = time.perf_counter() - started
+        gateway.metrics.api_request_seconds.labels(transport="rest", method=route).observe(elapsed)
+        # Probes (/health, /ready every second from keepalived, /metrics) log at debug.
+        (log.debug if request.path in request.app[PUBLIC] else log.info)(
+            "request",
+            method=request.method,
+            route=template or request.path[:200],
+            status=response.status,
+            duration_ms=round(elapsed * 1000, 2),
+            transport="rest",
+        )
     if trace_id is not None and not response.prepared:
         response.headers["X-Trace-Id"] = trace_id
     return response
@@ -235,7 +243,10 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[GATEWAY].metrics.render()
+    gateway = request.app[GATEWAY]
+    # mcp_ready must be current even where nothing polls /ready (cached 2 s).
+    await gateway.readiness()
+    body = gateway.metrics.render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
