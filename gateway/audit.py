@@ -10,6 +10,9 @@ compact separators, keys in this order::
      ...caller's fields...,"prev":"<64 hex>"}
 
 * ``seq`` counts records from 1 in each file and continues across restarts.
+* ``trace_id`` (a caller's field, added by :meth:`AuditLog.write` when the
+  record is written inside a traced request and the caller gave none): the
+  W3C trace id of the request, so a record leads to its trace.
 * ``ts`` is RFC 3339 UTC with microseconds, from the injected clock.
 * ``prev`` is the hex SHA-256 of the previous record's line, exact bytes
   without the newline.  The first record's ``prev`` is :data:`GENESIS`, the

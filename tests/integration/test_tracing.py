@@ -19,6 +19,7 @@ from tests.conftest import USERS, make_config
 from tests.integration.conftest import Api
 from tests.integration.gateway_proc import GatewayProcess
 from tests.integration.jaeger import Jaeger
+from tests.integration.test_mcp import INIT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -198,17 +199,7 @@ def test_grpc_metadata_carries_the_trace(gateway: GatewayProcess, jaeger: Jaeger
 def test_mcp_meta_carries_the_trace(gateway: GatewayProcess, jaeger: Jaeger) -> None:
     """params._meta.traceparent of a tools/call continues the agent's trace."""
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    init = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": {"name": "t", "version": "0"},
-        },
-    }
-    _, headers, _ = _post(gateway.url + "/mcp", init, auth)
+    _, headers, _ = _post(gateway.url + "/mcp", INIT, auth)
     session = {
         **auth,
         "Mcp-Session-Id": headers["Mcp-Session-Id"],
