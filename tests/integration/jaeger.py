@@ -19,9 +19,13 @@ JAEGER = ROOT / ".tools" / "bin" / "jaeger"
 
 
 class Jaeger:
-    """Jaeger (v2, the OpenTelemetry Collector based build) with in-memory storage."""
+    """Jaeger (v2, the OpenTelemetry Collector based build) with in-memory storage.
 
-    def __init__(self, workdir: Path) -> None:
+    ``otlp_tls`` is the collector's TLS block for the OTLP/gRPC receiver
+    (``cert_file``, ``key_file``, ``client_ca_file`` for mTLS).
+    """
+
+    def __init__(self, workdir: Path, otlp_tls: dict[str, str] | None = None) -> None:
         assert JAEGER.exists(), "Jaeger is not built: `make jaeger`"
         self.otlp_port = free_port()
         self.query_port = free_port()
@@ -46,7 +50,14 @@ class Jaeger:
                 "jaeger_storage": {"backends": {"mem": {"memory": {"max_traces": 10000}}}},
             },
             "receivers": {
-                "otlp": {"protocols": {"grpc": {"endpoint": f"127.0.0.1:{self.otlp_port}"}}}
+                "otlp": {
+                    "protocols": {
+                        "grpc": {
+                            "endpoint": f"127.0.0.1:{self.otlp_port}",
+                            **({"tls": otlp_tls} if otlp_tls else {}),
+                        }
+                    }
+                }
             },
             "processors": {"batch": {"timeout": "100ms"}},
             "exporters": {"jaeger_storage_exporter": {"trace_storage": "mem"}},

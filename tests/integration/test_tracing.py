@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
+from gateway import certs
 from gateway.audit import verify_file
 from gateway.proto import mcp_pb2, mcp_pb2_grpc
 from tests.conftest import USERS, make_config
@@ -292,3 +293,79 @@ def test_logs_are_json_under_systemd_with_request_and_trace_ids(tmp_path: Path) 
     assert line["trace_id"] == trace_id
     assert (line["level"], line["status"], line["transport"]) == ("info", 200, "rest")
     assert {"timestamp", "span_id", "duration_ms"} <= set(line)
+
+
+def test_export_over_mtls_to_the_collector(tmp_path: Path) -> None:
+    """tracing.insecure false: spans reach a collector that requires TLS client certificates."""
+    ca = certs.build_ca()
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    certs.write_pair(ca, pki / "ca.pem", pki / "ca.key")
+    certs.write_pair(certs.build_server(ca, ["localhost"], ["127.0.0.1"]), *_pair(pki, "otlp"))
+    certs.write_pair(certs.build_client(ca, "mcp-gateway"), *_pair(pki, "gw"))
+    jaeger = Jaeger(
+        tmp_path,
+        otlp_tls={
+            "cert_file": str(pki / "otlp.pem"),
+            "key_file": str(pki / "otlp.key"),
+            "client_ca_file": str(pki / "ca.pem"),
+        },
+    )
+    jaeger.start()
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        tracing = {
+            "enabled": True,
+            "endpoint": f"https://127.0.0.1:{jaeger.otlp_port}",
+            "insecure": False,
+            "ca_file": str(pki / "ca.pem"),
+            "cert_file": str(pki / "gw.pem"),
+            "key_file": str(pki / "gw.key"),
+        }
+        gw = GatewayProcess(make_config(state, tracing=tracing), tmp_path)
+        os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"
+        try:
+            gw.start()
+        finally:
+            del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
+        try:
+            trace_id, _, header = _traceparent()
+            status, _, _ = _post(
+                gw.url + "/v1/commands",
+                {"command": "true", "wait": True},
+                {"Authorization": f"Bearer {TOKEN}", "traceparent": header},
+            )
+            assert status == 200
+            spans = Spans(jaeger.trace(trace_id, {"POST /v1/commands", "command.run"}))
+            assert spans.tags(spans.one("command.run"))["process.exit.code"] == 0
+        finally:
+            gw.stop()
+    finally:
+        jaeger.stop()
+
+
+def _pair(directory: Path, name: str) -> tuple[Path, Path]:
+    return directory / f"{name}.pem", directory / f"{name}.key"
+
+
+def test_output_reader_gets_an_output_stream_span(gateway: GatewayProcess, jaeger: Jaeger) -> None:
+    """GET /v1/tasks/{id}/output: the reader's request span has an output.stream child."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    _, _, task = _post(
+        gateway.url + "/v1/commands", {"command": "echo", "args": ["streamed"], "wait": True}, auth
+    )
+    trace_id, _, header = _traceparent()
+    request = urllib.request.Request(  # noqa: S310 (loopback)
+        f"{gateway.url}/v1/tasks/{task['task_id']}/output",
+        headers={**auth, "traceparent": header},
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
+        lines = [json.loads(line) for line in resp.read().splitlines()]
+    assert lines[0]["data"] == "streamed\n"
+    name = "GET /v1/tasks/{task_id}/output"
+    spans = Spans(jaeger.trace(trace_id, {name, "output.stream"}))
+    stream = spans.one("output.stream")
+    assert spans.parent(stream) is spans.one(name)
+    tags = spans.tags(stream)
+    assert (tags["mcp.output.chunks"], tags["mcp.output.bytes"]) == (1, len("streamed\n"))
