@@ -1,7 +1,7 @@
 """Policy decision latency for both engines, and the echo round trip with each.
 
 Prints p50/p99 of one ``command.execute`` decision from the embedded engine
-(regopy, in process) and from the OPA daemon over its unix socket, then the
+(OPA-compiled Wasm, in process) and from the OPA daemon over its unix socket, then the
 REST ``echo`` round trip (``wait``) through a gateway using each engine, as
 ratios to a bare bwrap spawn measured in the same run.
 
@@ -24,7 +24,7 @@ from bench.roundtrip import TOKEN, bare_spawn, echo_decision_input, gateway_echo
 from gateway import bwrap as bw
 from gateway.opa import OpaEngine
 from gateway.policy import EmbeddedEngine, PolicyEngine
-from tests.conftest import POLICIES, make_config
+from tests.conftest import OPA, POLICIES, make_config
 from tests.integration.gateway_proc import GatewayProcess
 from tests.integration.test_policy_opa import OpaDaemon
 
@@ -47,7 +47,7 @@ async def main(args: argparse.Namespace) -> None:
     opa = OpaDaemon(POLICIES, work)
     opa.start()
     try:
-        embedded = EmbeddedEngine(POLICIES, timeout_s=1.0)
+        embedded = EmbeddedEngine(POLICIES, timeout_s=1.0, opa_binary=str(OPA))
         remote = OpaEngine(opa.url, timeout_s=1.0, policy_dir=POLICIES)
         emb = await decisions(embedded, args.n)
         rem = await decisions(remote, args.n)

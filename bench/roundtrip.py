@@ -30,7 +30,7 @@ from gateway.policy import EmbeddedEngine, build_policy_input
 from gateway.proto import mcp_pb2, mcp_pb2_grpc
 from gateway.sandbox import BwrapSandbox
 from gateway.seccomp import sealed_memfd, seccomp_fd
-from tests.conftest import USERS, make_config
+from tests.conftest import OPA, POLICIES, USERS, make_config
 from tests.integration.gateway_proc import GatewayProcess
 
 TOKEN = USERS["alice"][0]
@@ -101,7 +101,7 @@ def echo_decision_input() -> dict[str, object]:
 async def breakdown(workspace: str, n: int) -> dict[str, list[float]]:
     """Where the round trip goes: the sandbox alone and one policy decision."""
     sandbox = BwrapSandbox(cgroup_parent=f"mcp-bench-{os.getpid()}")
-    engine = EmbeddedEngine(Path(__file__).parents[1] / "policies", timeout_s=1.0)
+    engine = EmbeddedEngine(POLICIES, timeout_s=1.0, opa_binary=str(OPA))
     doc = echo_decision_input()
 
     async def decide() -> None:

@@ -59,7 +59,7 @@ def make_policy(config: Config) -> PolicyEngine:
         return OpaEngine(
             policy.opa_url, timeout_s=policy.timeout_s, token=token, policy_dir=policy_dir
         )
-    return EmbeddedEngine(policy.dir, timeout_s=policy.timeout_s)
+    return EmbeddedEngine(policy.dir, timeout_s=policy.timeout_s, opa_binary=policy.opa_binary)
 
 
 def make_sandbox(config: Config, tracing: Tracing | None = None) -> BwrapSandbox:

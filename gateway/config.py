@@ -101,6 +101,10 @@ class PolicyConfig(_Section):
     # engine "embedded" only: how often to look for changed policy files
     # (0 turns the watch off; SIGHUP reloads either way).
     watch_interval_s: Annotated[float, Field(ge=0)] = 2.0
+    # engine "embedded" only: the OPA binary that compiles the policies to
+    # WebAssembly (a name looked up on PATH, or a path; relative paths are
+    # taken from the config file's directory).
+    opa_binary: Annotated[str, Field(min_length=1)] = "opa"
 
 
 class LimitsConfig(_Section):
@@ -309,7 +313,14 @@ def _resolve(config: Config, base: Path) -> Config:
         update={
             "state_dir": rel(config.state_dir),
             "tls": tls,
-            "policy": config.policy.model_copy(update={"dir": rel(config.policy.dir)}),
+            "policy": config.policy.model_copy(
+                update={
+                    "dir": rel(config.policy.dir),
+                    "opa_binary": str(rel(Path(config.policy.opa_binary)))
+                    if "/" in config.policy.opa_binary
+                    else config.policy.opa_binary,
+                }
+            ),
             "audit": audit,
             "tracing": config.tracing.model_copy(
                 update={

@@ -1,7 +1,7 @@
 """The one error hierarchy of the gateway.
 
 Every failure a caller can see is an :class:`McpError` with a stable
-:class:`ErrorCode`. Foreign exceptions (OSError, pydantic, regopy, sqlite...)
+:class:`ErrorCode`. Foreign exceptions (OSError, pydantic, wasmtime, sqlite...)
 are translated once, at the edge that caught them, with ``raise ... from exc``.
 Each code maps once to an HTTP status here; the gRPC and JSON-RPC adapters map
 the same codes in their own modules.

@@ -17,6 +17,8 @@ settings.load_profile("gateway")
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ROOT / "policies"
+# Built by `make opa`; the embedded engine compiles the policies with it.
+OPA = ROOT / ".tools" / "bin" / "opa"
 
 # subject -> (token, roles)
 USERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -40,7 +42,7 @@ def make_config(state_dir: Path, **overrides: object) -> config_mod.Config:
                 for name, (token, roles) in USERS.items()
             ]
         },
-        "policy": {"engine": "embedded", "dir": str(POLICIES)},
+        "policy": {"engine": "embedded", "dir": str(POLICIES), "opa_binary": str(OPA)},
         "sandbox": {"cgroup_parent": f"mcp-gateway-test-{state_dir.name}"[:60]},
         "tasks": {"max_concurrent": 4, "max_queue": 8, "retention_s": 3600},
         "audit": {"redact": ["(?i)password=\\S+"]},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -397,12 +398,9 @@ async def test_watch_reload_changes_decisions(short_dir: Path) -> None:
 
 async def test_config_builds_the_opa_engine(short_dir: Path) -> None:
     """policy.engine "opa" with opa_url and opa_token_file makes a working OpaEngine."""
-    authz = short_dir / "authz.rego"
-    authz.write_text(AUTHZ_POLICY)
     token_file = short_dir / "token"
     token_file.write_text("s3cret-token\n")
-    extra = ("--authentication=token", "--authorization=basic", str(authz))
-    daemon = OpaDaemon(POLICIES, short_dir, extra=extra)
+    daemon = OpaDaemon(POLICIES, short_dir, extra=token_auth(short_dir, "s3cret-token"))
     daemon.start()
     config = make_config(
         short_dir,
@@ -419,20 +417,17 @@ async def test_config_builds_the_opa_engine(short_dir: Path) -> None:
         daemon.stop()
 
 
-AUTHZ_POLICY = """package system.authz
-
-default allow := false
-
-allow if input.identity == "s3cret-token"
-"""
+def token_auth(workdir: Path, *tokens: str) -> tuple[str, ...]:
+    """OPA flags for the shipped system.authz policy, trusting ``tokens`` (by SHA-256)."""
+    data = workdir / "gateway-token.json"
+    digests = [hashlib.sha256(t.encode()).hexdigest() for t in tokens]
+    data.write_text(json.dumps({"token_sha256": digests}))
+    return ("--authentication=token", "--authorization=basic", f"system.gateway:{data}")
 
 
 async def test_bearer_token_for_token_authentication(short_dir: Path) -> None:
-    """With --authentication=token: the right token gets decisions, a wrong one denies (401)."""
-    authz = short_dir / "authz.rego"
-    authz.write_text(AUTHZ_POLICY)
-    extra = ("--authentication=token", "--authorization=basic", str(authz))
-    daemon = OpaDaemon(POLICIES, short_dir, extra=extra)
+    """The shipped system.authz: the gateway's token gets decisions, a wrong one denies (401)."""
+    daemon = OpaDaemon(POLICIES, short_dir, extra=token_auth(short_dir, "old", "s3cret-token"))
     daemon.start()
     good = OpaEngine(daemon.url, timeout_s=2.0, token="s3cret-token")
     bad = OpaEngine(daemon.url, timeout_s=2.0, token="wrong")
@@ -446,6 +441,33 @@ async def test_bearer_token_for_token_authentication(short_dir: Path) -> None:
     finally:
         await good.close()
         await bad.close()
+        daemon.stop()
+
+
+def _raw(daemon: OpaDaemon, method: str, path: str, token: str | None) -> int:
+    conn = _UnixHTTPConnection(str(daemon.socket), timeout=5.0)
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    try:
+        conn.request(method, path, body=b'{"input": {}}' if method != "GET" else None,
+                     headers=headers)  # fmt: skip
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_shipped_authz_allows_only_decisions_and_health(short_dir: Path) -> None:
+    """Even the gateway's token cannot read data, list or write policies; health stays open."""
+    daemon = OpaDaemon(POLICIES, short_dir, extra=token_auth(short_dir, "s3cret-token"))
+    daemon.start()
+    try:
+        assert _raw(daemon, "POST", "/v1/data/mcp/decision?provenance", "s3cret-token") == 200
+        assert _raw(daemon, "GET", "/health?bundles&plugins", None) == 200
+        assert _raw(daemon, "POST", "/v1/data/mcp/decision", None) == 401
+        assert _raw(daemon, "GET", "/v1/data", "s3cret-token") == 401
+        assert _raw(daemon, "GET", "/v1/policies", "s3cret-token") == 401
+        assert _raw(daemon, "PUT", "/v1/policies/evil", "s3cret-token") == 401
+        assert _raw(daemon, "POST", "/v1/data/system/authz", "s3cret-token") == 401
+    finally:
         daemon.stop()
 
 
@@ -480,7 +502,7 @@ async def test_opa_agrees_with_embedded_engine(engine: OpaEngine) -> None:
     generated = _corpus(CORPUS_SIZE)
     assert len(generated) >= CORPUS_SIZE
     docs += generated
-    embedded = EmbeddedEngine(POLICIES, timeout_s=5.0)
+    embedded = EmbeddedEngine(POLICIES, timeout_s=5.0, opa_binary=str(OPA))
     try:
         mismatches = []
         for doc in docs:

@@ -212,7 +212,7 @@ def _nested(depth: int) -> dict[str, Any]:
     ],
 )
 def test_check_policy_input(doc: object, problem: str | None) -> None:
-    """Documents rego-cpp would misread are rejected with the reason; plain JSON passes."""
+    """Documents some Rego engines would misread are rejected with the reason; plain JSON passes."""
     assert check_policy_input(doc) == problem
 
 
