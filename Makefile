@@ -13,7 +13,7 @@ PYTEST     := $(BIN)/pytest
 
 .PHONY: run test test-unit test-integration lint fmt typecheck sysdeps venv bench clean
 
-run: sysdeps venv
+run: sysdeps venv opa
 	$(BIN)/mcp-gateway serve --config $(CONFIG)
 
 test: sysdeps venv lint policy-check grpcurl jaeger observability-check
@@ -55,6 +55,7 @@ sysdeps:
 	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	ldconfig -p 2>/dev/null | grep -q 'libseccomp.so.2' || missing="$$missing libseccomp2"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \

@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import structlog
 
+from gateway.aio import running
 from gateway.errors import McpError
 from gateway.metrics import Metrics
 
@@ -74,13 +75,8 @@ class PolicyReloader:
             return
         # Taken before serving starts, so a change right after start-up is seen.
         seen = await asyncio.to_thread(fingerprint, self._dir)
-        task = asyncio.create_task(self._watch(interval_s, seen))
-        try:
+        async with running(self._watch(interval_s, seen), "policy-watch"):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def _watch(self, interval_s: float, seen: tuple[tuple[str, int, int], ...]) -> None:
         while True:

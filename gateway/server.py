@@ -13,18 +13,25 @@ from gateway.app import Components, build_app
 from gateway.config import Config
 from gateway.grpc_server import start_grpc
 from gateway.grpc_server import stop as stop_grpc
+from gateway.notify import Notifier
 from gateway.rest import AUTH, GATEWAY
 from gateway.tls import grpc_server_credentials, rest_ssl_context
 
 log = structlog.get_logger("gateway.server")
 
 
-async def serve(config: Config, parts: Components | None = None) -> int:
+async def serve(
+    config: Config, parts: Components | None = None, notifier: Notifier | None = None
+) -> int:
     """Serve until SIGTERM/SIGINT; return the process exit code.
 
     Shutdown order: stop accepting, give running tasks the grace period
-    (the app's cleanup does that), then close the audit log last.
+    (the app's cleanup does that), then close the audit log last.  Under
+    systemd (``Type=notify``) it reports READY once both listeners serve,
+    pings the watchdog from the event loop, and reports RELOADING/READY
+    around a SIGHUP policy reload and STOPPING at shutdown.
     """
+    notifier = notifier or Notifier()
     app = build_app(config, parts)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     try:
@@ -79,14 +86,26 @@ async def serve(config: Config, parts: Components | None = None) -> int:
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[bool]] = set()
 
+    status = f"serving REST on {config.server.host}:{config.server.port}, gRPC on port {grpc_port}"
+
+    async def reload() -> bool:
+        notifier.reloading()
+        try:
+            return await app[GATEWAY].reload_policy("SIGHUP")
+        finally:
+            notifier.ready(status)
+
     def on_hup() -> None:
-        task = asyncio.create_task(app[GATEWAY].reload_policy("SIGHUP"))
+        task = asyncio.create_task(reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await stop.wait()
-    log.info("shutting down")
+    notifier.ready(status)
+    async with notifier.pinging():
+        await stop.wait()
+        log.info("shutting down")
+        notifier.stopping()
     # gRPC health goes NOT_SERVING and in-flight RPCs get the grace period
     # while the gateway (tasks, audit) is still open.
     await stop_grpc(grpc_server, config.server.shutdown_grace_s)
