@@ -16,7 +16,7 @@ PYTEST     := $(BIN)/pytest
 run: sysdeps venv opa
 	$(BIN)/mcp-gateway serve --config $(CONFIG)
 
-test: sysdeps venv lint policy-check grpcurl jaeger observability-check
+test: sysdeps venv lint policy-check grpcurl jaeger observability-check ansible-check
 	$(PYTEST) -q tests/unit tests/integration
 
 test-unit: venv
@@ -149,3 +149,14 @@ observability-check: sysdeps
 	promtool check rules $(OBS_DIR)/rules/mcp-gateway.rules.yml
 	cd $(OBS_DIR)/rules && promtool test rules mcp-gateway.rules.test.yml
 	promtool check config --syntax-only $(OBS_DIR)/prometheus.yml
+
+# --- Appliance (Ansible) -------------------------------------------------------
+# The ansible package bundles the collections the roles use (ansible.posix,
+# community.crypto), so nothing is fetched from Galaxy.
+.PHONY: ansible-check
+
+ansible-check: venv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/yamllint -s .
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ansible-lint --offline -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ansible-playbook -i inventories/production \
+	  playbooks/site.yml --syntax-check

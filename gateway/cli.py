@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     policy.add_argument("--opa", default=None, help="OPA binary (default: PATH, then .tools/bin)")
     policy.add_argument("--input", default="-", help="eval: input document file, - for stdin")
 
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg.add_argument("action", choices=["check"])
+    cfg.add_argument("file", type=Path)
+
     token = sub.add_parser("token", help="token helpers")
     token.add_argument("action", choices=["hash"])
 
@@ -297,6 +301,22 @@ async def _policy_eval(config: Any, source: str) -> int:
     return 0 if decision.allow else 3
 
 
+def _config(args: argparse.Namespace) -> int:
+    """``config check FILE``: validate without starting (Ansible's ``validate:`` uses it)."""
+    from gateway import config as config_mod
+
+    try:
+        config = config_mod.load(args.file, env={})
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.file}: ok (policy engine {config.policy.engine}, "
+        f"REST {config.server.host}:{config.server.port}, TLS {config.tls.enabled})"
+    )
+    return 0
+
+
 def _token(args: argparse.Namespace) -> int:
     from gateway.config import hash_token
 
@@ -341,6 +361,7 @@ _HANDLERS = {
     "files": _files,
     "audit": _audit,
     "policy": _policy,
+    "config": _config,
     "token": _token,
     "certs": _certs,
 }

@@ -135,3 +135,17 @@ def test_tls_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     assert tls.client_ca_file == tmp_path / "pki" / "ca.pem"
     assert tls.mtls_subjects[0].roles == ("developer",)
     assert config.parse({}, env={}).tls.enabled is False
+
+
+def test_config_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """mcp-gateway config check: 0 and a summary for a good file, 2 naming the key otherwise."""
+    from gateway.cli import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text("server: {port: 9000}\n")
+    assert main(["config", "check", str(good)]) == 0
+    assert "ok (policy engine embedded, REST 127.0.0.1:9000" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: {port: nine}\n")
+    assert main(["config", "check", str(bad)]) == 2
+    assert "server.port" in capsys.readouterr().err
