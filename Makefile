@@ -17,7 +17,7 @@ run: sysdeps venv opa
 	$(BIN)/mcp-gateway serve --config $(CONFIG)
 
 test: sysdeps venv lint policy-check grpcurl jaeger observability-check ansible-check
-	$(PYTEST) -q tests/unit tests/integration
+	$(PYTEST) -q tests/unit tests/integration tests/lab
 
 test-unit: venv
 	$(PYTEST) -q -m unit tests/unit
@@ -56,6 +56,8 @@ sysdeps:
 	ldconfig -p 2>/dev/null | grep -q 'libseccomp.so.2' || missing="$$missing libseccomp2"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \
@@ -153,10 +155,22 @@ observability-check: sysdeps
 # --- Appliance (Ansible) -------------------------------------------------------
 # The ansible package bundles the collections the roles use (ansible.posix,
 # community.crypto), so nothing is fetched from Galaxy.
-.PHONY: ansible-check
+.PHONY: ansible-check lab-up lab-down test-lab
 
 ansible-check: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/yamllint -s .
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ansible-lint --offline -q
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ansible-playbook -i inventories/production \
 	  playbooks/site.yml --syntax-check
+
+# The lab (tests/lab, docs/deployment.md): Debian 12 machines booted with
+# systemd-nspawn in network namespaces of their own, converged with site.yml.
+# Needs root; the image is built once (about a minute) and cached in $(TOOLS)/lab.
+lab-up: sysdeps venv opa grpcurl
+	$(BIN)/python -m tests.lab up
+
+lab-down:
+	$(BIN)/python -m tests.lab down
+
+test-lab: sysdeps venv opa grpcurl
+	$(PYTEST) -q tests/lab

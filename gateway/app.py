@@ -70,6 +70,28 @@ def make_sandbox(config: Config, tracing: Tracing | None = None) -> BwrapSandbox
     )
 
 
+# OPA may still be starting when the gateway does (both units start together).
+POLICY_STARTUP_WAIT_S = 20.0
+
+
+async def _wait_for_policy(policy: PolicyEngine, wait_s: float) -> None:
+    """``policy.check()``, retried while the engine is unavailable for up to ``wait_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    delay = 0.1
+    while True:
+        try:
+            await policy.check()
+        except Unavailable as exc:
+            if loop.time() + delay > deadline:
+                raise
+            log.warning("policy engine not ready yet; waiting", error=exc.message)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        else:
+            return
+
+
 @contextlib.asynccontextmanager
 async def open_gateway(config: Config, parts: Components | None = None) -> AsyncIterator[Gateway]:
     """Build every component, run start-up checks, and close them in reverse."""
@@ -113,7 +135,7 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
         # Fail closed: a gateway whose sandbox does not work must not serve.
         details = await sandbox.self_test()
         log.info("sandbox self-test passed", **{k: str(v) for k, v in details.items()})
-        await policy.check()
+        await _wait_for_policy(policy, POLICY_STARTUP_WAIT_S)
         await audit.write("gateway.started", {"policy_engine": policy.name})
         # Holding the audit log's lock, this process owns the state directory:
         # sandboxes still bound to its workspaces belong to a gateway that died.

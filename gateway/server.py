@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway.app import Components, build_app
 from gateway.config import Config
+from gateway.errors import McpError
 from gateway.grpc_server import start_grpc
 from gateway.grpc_server import stop as stop_grpc
 from gateway.notify import Notifier
@@ -36,8 +37,11 @@ async def serve(
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     try:
         await runner.setup()
-    except Exception as exc:  # start-up checks failed: refuse to serve
-        log.error("gateway failed to start", error=str(exc))
+    except McpError as exc:  # start-up checks failed: refuse to serve
+        log.error("gateway failed to start", error=exc.message, code=str(exc.code))
+        return 1
+    except Exception:  # an unexpected failure: the operator needs the trace
+        log.exception("gateway failed to start")
         return 1
     tls = config.tls
     try:

@@ -88,8 +88,9 @@ RELAXATIONS = {
     ("ProtectControlGroups", "no"),
     ("PrivateUsers", "no"),
     ("ProcSubset", "all"),
+    ("ProtectHostname", "no"),
     ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6 AF_NETLINK"),
-    ("SystemCallFilter", "@system-service @mount sethostname setdomainname"),
+    ("SystemCallFilter", "@system-service @mount sethostname setdomainname seccomp"),
 }
 
 
