@@ -343,7 +343,7 @@ class Lab:
 
 def teardown(lab_id: str) -> None:
     """Tear down a lab by id from any process (make lab-down, or after a crash)."""
-    for pid_text in run("pgrep", "-f", f"--machine={lab_id}-", check=False).split():
+    for pid_text in run("pgrep", "-f", "--", f"--machine={lab_id}-", check=False).split():
         nspawn = int(pid_text)
         with contextlib.suppress(OSError):
             for task in Path(f"/proc/{nspawn}/task").iterdir():
