@@ -17,7 +17,7 @@ run: sysdeps venv opa
 	$(BIN)/mcp-gateway serve --config $(CONFIG)
 
 test: sysdeps venv lint policy-check grpcurl jaeger observability-check ansible-check
-	$(PYTEST) -q tests/unit tests/integration tests/lab
+	$(PYTEST) -q tests/unit tests/integration
 
 test-unit: venv
 	$(PYTEST) -q -m unit tests/unit
