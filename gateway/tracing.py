@@ -35,7 +35,6 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -71,12 +70,6 @@ def extract_meta(meta: object, fallback: Context | None = None) -> Context | Non
     if not trace.get_current_span(ctx).get_span_context().is_valid:
         return fallback  # malformed: keep the transport's context
     return ctx
-
-
-def inject(carrier: dict[str, str]) -> dict[str, str]:
-    """Write the current context into ``carrier`` (for outgoing calls)."""
-    _PROPAGATOR.inject(carrier)
-    return carrier
 
 
 def current_trace_ids() -> dict[str, str]:
@@ -124,18 +117,6 @@ class Tracing:
                 if not isinstance(exc, GeneratorExit):
                     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
                 raise
-
-    @contextlib.contextmanager
-    def attached(self, ctx: Context | None) -> Iterator[None]:
-        """Run the block with ``ctx`` as the current context (None: unchanged)."""
-        if ctx is None:
-            yield
-            return
-        token = otel_context.attach(ctx)
-        try:
-            yield
-        finally:
-            otel_context.detach(token)
 
     def shutdown(self) -> None:
         """Flush queued spans (bounded by the exporter timeout) and stop exporting."""

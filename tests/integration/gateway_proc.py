@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,12 @@ class GatewayProcess:
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_GATEWAY__")}
+    def start(self, timeout: float = 30.0, env: Mapping[str, str] | None = None) -> None:
+        """Start and wait until /health answers; ``env`` adds to the inherited environment."""
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MCP_GATEWAY__")},
+            **(env or {}),
+        }
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path)],

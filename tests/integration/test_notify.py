@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import time
@@ -61,13 +60,7 @@ def test_ready_watchdog_reload_and_stopping(tmp_path: Path, notify: NotifySocket
     state = tmp_path / "state"
     state.mkdir()
     gw = GatewayProcess(make_config(state), tmp_path)
-    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "300000"}
-    os.environ.update(env)
-    try:
-        gw.start()
-    finally:
-        for key in env:
-            del os.environ[key]
+    gw.start(env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "300000"})
     assert gw.proc is not None
     try:
         ready = notify.wait_for("READY")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ from tests.integration.test_mcp import INIT
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TOKEN = USERS["alice"][0]
+# The SDK's standard knob: export every 200 ms instead of every 5 s.
+FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "200"}
 
 
 class Spans:
@@ -87,12 +88,7 @@ def gateway(jaeger: Jaeger, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         },
     )
     gw = GatewayProcess(config, workdir)
-    # The SDK's standard knob: export every 200 ms instead of every 5 s.
-    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"
-    try:
-        gw.start()
-    finally:
-        del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
+    gw.start(env=FAST_EXPORT)
     try:
         yield gw
     finally:
@@ -112,6 +108,17 @@ def _post(url: str, body: object, headers: dict[str, str]) -> tuple[int, Any, An
     )
     with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310
         return resp.status, resp.headers, json.loads(resp.read())
+
+
+def _traced_true(gw: GatewayProcess) -> tuple[str, int, Any]:
+    """Run ``true`` (wait) under a fresh sampled trace; (trace id, status, headers)."""
+    trace_id, _, header = _traceparent()
+    status, headers, _ = _post(
+        gw.url + "/v1/commands",
+        {"command": "true", "wait": True},
+        {"Authorization": f"Bearer {TOKEN}", "traceparent": header},
+    )
+    return trace_id, status, headers
 
 
 def _audit_records(gw: GatewayProcess, trace_id: str) -> list[dict[str, Any]]:
@@ -271,18 +278,10 @@ def test_logs_are_json_under_systemd_with_request_and_trace_ids(tmp_path: Path) 
     state = tmp_path / "state"
     state.mkdir()
     gw = GatewayProcess(make_config(state, logging={"format": "auto"}), tmp_path)
-    os.environ["JOURNAL_STREAM"] = "8:12345"  # what systemd sets for a journald stdout
+    gw.start(env={"JOURNAL_STREAM": "8:12345"})  # what systemd sets for a journald stdout
     try:
-        gw.start()
-    finally:
-        del os.environ["JOURNAL_STREAM"]
-    try:
-        trace_id, _, header = _traceparent()
-        _, headers, _ = _post(
-            gw.url + "/v1/commands",
-            {"command": "true", "wait": True},
-            {"Authorization": f"Bearer {TOKEN}", "traceparent": header},
-        )
+        trace_id, status, headers = _traced_true(gw)
+        assert status == 200
     finally:
         gw.stop()
     lines = [json.loads(line) for line in gw.log_path.read_text().splitlines() if line]
@@ -324,18 +323,9 @@ def test_export_over_mtls_to_the_collector(tmp_path: Path) -> None:
             "key_file": str(pki / "gw.key"),
         }
         gw = GatewayProcess(make_config(state, tracing=tracing), tmp_path)
-        os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"
+        gw.start(env=FAST_EXPORT)
         try:
-            gw.start()
-        finally:
-            del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
-        try:
-            trace_id, _, header = _traceparent()
-            status, _, _ = _post(
-                gw.url + "/v1/commands",
-                {"command": "true", "wait": True},
-                {"Authorization": f"Bearer {TOKEN}", "traceparent": header},
-            )
+            trace_id, status, _ = _traced_true(gw)
             assert status == 200
             spans = Spans(jaeger.trace(trace_id, {"POST /v1/commands", "command.run"}))
             assert spans.tags(spans.one("command.run"))["process.exit.code"] == 0
