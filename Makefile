@@ -161,7 +161,7 @@ ansible-check: venv
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/yamllint -s .
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ansible-lint --offline -q
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/ansible-playbook -i inventories/production \
-	  playbooks/site.yml --syntax-check
+	  playbooks/site.yml playbooks/upgrade.yml playbooks/rotate-certs.yml --syntax-check
 
 # The lab (tests/lab, docs/deployment.md): Debian 12 machines booted with
 # systemd-nspawn in network namespaces of their own, converged with site.yml.

@@ -20,6 +20,7 @@ from gateway.audit import AuditLog, AuditSink
 from gateway.auth import TokenAuthenticator
 from gateway.config import Config
 from gateway.errors import Unavailable
+from gateway.ha import VrrpRole
 from gateway.mcp import add_mcp_routes
 from gateway.metrics import Metrics
 from gateway.opa import OpaEngine
@@ -162,11 +163,14 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
             reloader=reloader,
             tracing=tracing,
         )
-        if reloader is None:
+        async with contextlib.AsyncExitStack() as stack:
+            if config.ha.vrrp_state_file is not None:
+                vrrp = VrrpRole(config.ha.vrrp_state_file, metrics)
+                await stack.enter_async_context(vrrp.watching(config.ha.poll_interval_s))
+                gateway.vrrp_role = vrrp.refresh
+            if reloader is not None:
+                await stack.enter_async_context(reloader.watching(config.policy.watch_interval_s))
             yield gateway
-        else:
-            async with reloader.watching(config.policy.watch_interval_s):
-                yield gateway
     finally:
         await tasks.close(config.server.shutdown_grace_s)
         with contextlib.suppress(Exception):

@@ -22,6 +22,7 @@ import base64
 import datetime
 import json
 import math
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -156,16 +157,24 @@ class AsyncClient(_AsyncBase):
         *,
         timeout_s: float = 300.0,
         retries: int = 2,
+        ca_file: str | Path | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._retries = retries
+        # A private CA (the appliance's internal one); None trusts the system's.
+        self._ssl = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
         self._session: aiohttp.ClientSession | None = None
+        # Requests repeated after a failure (connection refused, reset, timeout).
+        self.retried = 0
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl else None
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, timeout=self._timeout, connector=connector
+            )
         return self._session
 
     async def close(self) -> None:
@@ -201,6 +210,7 @@ class AsyncClient(_AsyncBase):
                 if not idempotent or attempt >= self._retries:
                     raise Unavailable(f"request to {self._base} failed: {exc}") from exc
             attempt += 1
+            self.retried += 1
             await asyncio.sleep(_backoff(attempt))
 
     async def _json(self, method: str, path: str, *, idempotent: bool, **kw: Any) -> Any:
@@ -747,6 +757,11 @@ class Client(_Blocking):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(lambda: AsyncClient(*args, **kwargs))
+
+    @property
+    def retried(self) -> int:
+        """Requests repeated after a failure so far."""
+        return self._async.retried
 
 
 class GrpcClient(_Blocking):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -188,6 +189,18 @@ class TracingConfig(_Section):
     resource: dict[str, str] = Field(default_factory=dict)
 
 
+class HaConfig(_Section):
+    """High availability (docs/ha.md): where keepalived's notify hook records the role."""
+
+    vrrp_state_file: Path | None = None
+    poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    # This node's name (task ids carry it) and its peers' names (for LOST answers).
+    node_name: Annotated[str, Field(min_length=1, max_length=255)] = Field(
+        default_factory=socket.gethostname
+    )
+    peers: tuple[Annotated[str, Field(min_length=1, max_length=255)], ...] = ()
+
+
 class Config(_Section):
     state_dir: Path = Path("/var/lib/mcp-gateway")
     server: ServerConfig = ServerConfig()
@@ -201,6 +214,7 @@ class Config(_Section):
     audit: AuditConfig = AuditConfig()
     logging: LoggingConfig = LoggingConfig()
     tracing: TracingConfig = TracingConfig()
+    ha: HaConfig = HaConfig()
 
     @property
     def audit_path(self) -> Path:

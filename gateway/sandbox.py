@@ -996,8 +996,10 @@ class BwrapSandbox:
             second = await self._probe("self-test-seccomp", probe, workspace, limits)
             if second[0].exit_code == 0 or b"Operation not permitted" not in second[1]:
                 raise Unavailable(
-                    "self-test: the seccomp filter is not active "
-                    f"({second[1].decode('utf-8', 'replace')[:200]!r})"
+                    "self-test: the seccomp filter is not active (probe "
+                    f"exit {second[0].exit_code}, signal {second[0].signal}, "
+                    f"error {second[0].error!r}, "
+                    f"stderr {second[1].decode('utf-8', 'replace')[:200]!r})"
                 )
         finally:
             shutil.rmtree(workspace, ignore_errors=True)

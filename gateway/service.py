@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -21,7 +22,8 @@ import structlog
 
 from gateway.audit import AuditSink
 from gateway.config import Config, LimitsConfig
-from gateway.errors import McpError, PermissionDenied, Unavailable
+from gateway.errors import McpError, NotFound, PermissionDenied, Unavailable
+from gateway.ha import TaskIds
 from gateway.metrics import Metrics
 from gateway.models import CommandSpec, Decision, Limits, SandboxRequest, Subject, Transport
 from gateway.policy import PolicyEngine, build_policy_input
@@ -34,7 +36,10 @@ from gateway.workspace import FileEntry, Listing, Workspaces
 
 log = structlog.get_logger("gateway.service")
 
-READY_CACHE_S = 2.0
+# How long each readiness part is reused (keepalived asks every 0.5 s): the
+# policy engine and the disk are cheap and decide a failover, so they are
+# checked almost every time; the sandbox self-test spawns two sandboxes.
+READY_CACHE_S = {"sandbox": 5.0, "policy": 0.25, "disk": 1.0}
 MIN_FREE_BYTES = 64 * 1024 * 1024
 
 
@@ -101,8 +106,10 @@ class Gateway:
         self.metrics = metrics
         self.reloader = reloader
         self._clock = clock
-        self._ready_at = -READY_CACHE_S
-        self._ready: dict[str, Any] = {}
+        self._checked_at = dict.fromkeys(READY_CACHE_S, -math.inf)
+        self._checks: dict[str, dict[str, Any]] = {}
+        self.vrrp_role: Callable[[], str] | None = None
+        self.task_ids = TaskIds(config.ha.node_name, config.ha.peers)
         self._ready_lock = asyncio.Lock()
 
     async def reload_policy(self, reason: str) -> bool:
@@ -215,7 +222,7 @@ class Gateway:
         decision = await self.decide("command.execute", subject, ctx, command=spec)
         limits = grant_limits(self.config.sandbox.limits, spec, decision.limits)
         workspace = await asyncio.to_thread(self.workspaces.path_for, subject.id)
-        task_id = uuid.uuid4().hex
+        task_id = self.task_ids.new()
         request = SandboxRequest(
             task_id=task_id,
             argv=tuple(spec.argv),
@@ -236,8 +243,18 @@ class Gateway:
         )
         return await self.tasks.submit(record, request)
 
+    def _record(self, task_id: str) -> TaskRecord:
+        """The task, or NOT_FOUND; a task another node started is reported LOST."""
+        try:
+            return self.tasks.get(task_id)
+        except NotFound:
+            node = self.task_ids.elsewhere(task_id)
+            if node is None:
+                raise
+            raise self.task_ids.lost(task_id, node) from None
+
     async def task(self, subject: Subject, task_id: str, ctx: RequestContext) -> TaskRecord:
-        record = self.tasks.get(task_id)
+        record = self._record(task_id)
         await self.decide("task.read", subject, ctx, task_id=task_id, task_owner=record.owner)
         return record
 
@@ -270,7 +287,7 @@ class Gateway:
             span.end()
 
     async def cancel(self, subject: Subject, task_id: str, ctx: RequestContext) -> TaskRecord:
-        record = self.tasks.get(task_id)
+        record = self._record(task_id)
         await self.decide("task.cancel", subject, ctx, task_id=task_id, task_owner=record.owner)
         return await self.tasks.cancel(task_id, reason=f"cancelled by {subject.id}")
 
@@ -344,29 +361,27 @@ class Gateway:
     # -- readiness -----------------------------------------------------------------
 
     async def readiness(self) -> dict[str, Any]:
-        """Check sandbox, policy engine and disk; cached briefly (keepalived polls)."""
+        """Check sandbox, policy engine and disk, each part reused briefly (READY_CACHE_S)."""
         async with self._ready_lock:
-            if self._clock() - self._ready_at < READY_CACHE_S:
-                return self._ready
-            checks: dict[str, Any] = {}
-            ok = True
             for name, probe in (
                 ("sandbox", self.sandbox.self_test),
                 ("policy", self.policy.check),
                 ("disk", self._disk_check),
             ):
+                if self._clock() - self._checked_at[name] < READY_CACHE_S[name]:
+                    continue
                 try:
-                    checks[name] = {"ok": True, **(await probe())}
+                    self._checks[name] = {"ok": True, **(await probe())}
                 except Exception as exc:
-                    ok = False
-                    checks[name] = {"ok": False, "error": str(exc)}
-            self.metrics.set_ready(
-                {name: bool(checks[name]["ok"]) for name in ("sandbox", "policy", "disk")}
-            )
+                    self._checks[name] = {"ok": False, "error": str(exc)}
+                self._checked_at[name] = self._clock()
+            parts = {name: bool(self._checks[name]["ok"]) for name in READY_CACHE_S}
+            self.metrics.set_ready(parts)
+            checks: dict[str, Any] = dict(self._checks)
             checks["tasks"] = {"running": self.tasks.running, "queued": self.tasks.queued}
-            self._ready = {"ready": ok, "checks": checks}
-            self._ready_at = self._clock()
-            return self._ready
+            if self.vrrp_role is not None:
+                checks["vrrp"] = {"role": self.vrrp_role()}
+            return {"ready": all(parts.values()), "checks": checks}
 
     async def _disk_check(self) -> dict[str, Any]:
         state = self.config.state_dir

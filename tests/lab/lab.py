@@ -40,10 +40,13 @@ from typing import BinaryIO
 ROOT = Path(__file__).resolve().parents[2]
 LAB_DIR = ROOT / ".tools" / "lab"
 SUBNET = "198.18.0"
+VIP_NAME = "gateway.lab.test"
+# Figures the lab tests report at the end (seconds).
+TIMINGS: dict[str, float] = {}
 PACKAGES = (
     "systemd,systemd-sysv,dbus,openssh-server,python3,python3-venv,python3-cffi-backend,"
     "python3-cryptography,python3-apt,python3-packaging,bubblewrap,libseccomp2,iproute2,ca-certificates,"
-    "util-linux,procps,curl"
+    "util-linux,procps,curl,keepalived"
 )
 MIRROR = os.environ.get("MCP_LAB_MIRROR", "http://deb.debian.org/debian")
 
@@ -71,6 +74,35 @@ def run(*argv: str, check: bool = True, timeout: float = 600, **kw: object) -> s
     if check and out.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({out.returncode}): {out.stderr[-2000:]}")
     return str(out.stdout)
+
+
+def cgroup_roots() -> list[Path]:
+    """This process's cgroups in the hierarchies systemd uses (cgroup2, name=systemd)."""
+    own: dict[str, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        own[controllers] = path
+    roots = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, mountpoint, fstype, options = line.split()[:4]
+        if fstype == "cgroup2" and "" in own:
+            roots.append(Path(mountpoint + own[""]))
+        elif fstype == "cgroup" and "name=systemd" in options.split(","):
+            roots.append(Path(mountpoint + own.get("name=systemd", "/")))
+    return roots
+
+
+def remove_cgroups(prefix: str) -> None:
+    """rmdir (bottom-up) every cgroup named ``prefix*`` below :func:`cgroup_roots`."""
+    for root in cgroup_roots():
+        for top in root.glob(prefix + "*"):
+            for directory in sorted(
+                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
+            ):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+            with contextlib.suppress(OSError):
+                top.rmdir()
 
 
 def image_key() -> str:
@@ -150,6 +182,11 @@ class Lab:
     opa_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
     @property
+    def vip(self) -> str:
+        """The pair's floating address (keepalived)."""
+        return f"{SUBNET}.10"
+
+    @property
     def switch(self) -> str:
         return f"{self.lab_id}-sw"
 
@@ -163,9 +200,13 @@ class Lab:
 
     # -- network -------------------------------------------------------------------------
 
+    def port(self, index: int) -> str:
+        """The bridge-side end of veth ``index`` (0: the client, i: machine n<i>)."""
+        return f"{self.lab_id[-6:]}p{index}"
+
     def _attach(self, netns: str, address: str, index: int) -> None:
         """A veth from ``netns`` (eth0, ``address``/24) to the bridge."""
-        outer = f"{self.lab_id[-6:]}p{index}"
+        outer = self.port(index)
         run("ip", "netns", "add", netns)
         run("ip", "link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", netns)
         run("ip", "link", "set", outer, "netns", self.switch)
@@ -204,6 +245,19 @@ class Lab:
 
     @staticmethod
     def _nspawn(machine: Machine, log: BinaryIO) -> subprocess.Popen[bytes]:
+        # Without a host systemd, nspawn puts its container in <own cgroup>/payload:
+        # two machines started from one process would share one cgroup tree (and
+        # their gateways each other's task cgroups).  Each starts in its own.
+        procs = []
+        for root in cgroup_roots():
+            (root / machine.name).mkdir(exist_ok=True)
+            procs.append(str(root / machine.name / "cgroup.procs"))
+
+        def own_cgroup() -> None:
+            for path in procs:
+                with open(path, "w") as f:
+                    f.write("0")
+
         return subprocess.Popen(
             [
                 # No host systemd/machined is needed (--register=no --keep-unit).
@@ -217,11 +271,15 @@ class Lab:
                 f"--network-namespace-path=/run/netns/{machine.netns}",
                 "--console=passive",
                 "--kill-signal=SIGRTMIN+3",
+                # The machine owns its network namespace (keepalived adds the
+                # VIP): what --private-network would grant.
+                "--capability=CAP_NET_ADMIN",
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
             start_new_session=True,
+            preexec_fn=own_cgroup,
         )
 
     def ssh_argv(self, machine: Machine) -> list[str]:
@@ -254,6 +312,20 @@ class Lab:
         path = self.workdir / f"{machine.name}.console"
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
+    def diagnostics(self) -> str:
+        """The units' journals and states on every machine, for a failed converge's report."""
+        parts = []
+        for machine in self.machines:
+            out = self.ssh(
+                machine,
+                "journalctl --no-pager -o cat -u mcp-gateway.service | grep -m5 'failed to start'; "
+                "systemctl --no-pager status mcp-gateway.service opa.service keepalived.service; "
+                "journalctl --no-pager -n 40 -u mcp-gateway.service -u keepalived.service",
+                check=False,
+            )
+            parts.append(f"\n--- {machine.name} ---\n{out[:3000]}\n[...]\n{out[-3000:]}")
+        return "".join(parts)
+
     @staticmethod
     def _init_pid(machine: Machine) -> int | None:
         """The machine's PID 1 as seen from here (nspawn's child)."""
@@ -266,8 +338,12 @@ class Lab:
                     return int(children[0])
         return None
 
-    def poweroff(self, machine: Machine) -> None:
-        """Pull the plug: SIGKILL the machine's PID 1, so its whole PID namespace dies."""
+    def poweroff(self, machine: Machine, *, unplug: bool = False) -> None:
+        """Pull the plug: SIGKILL the machine's PID 1, so its whole PID namespace dies.
+
+        With ``unplug`` its network namespace goes too, as a powered-off NIC
+        does: the addresses it held (a VIP, say) stop answering ARP.
+        """
         init = self._init_pid(machine)
         if init is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -276,6 +352,18 @@ class Lab:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(machine.proc.pid, signal.SIGKILL)
             machine.proc.wait(30)
+        if unplug:
+            run("ip", "netns", "delete", machine.netns, check=False)
+
+    def set_link(self, machine: Machine, up: bool) -> None:
+        """Cable in or out: the machine's port on the bridge up or down."""
+        index = self.machines.index(machine) + 1
+        run("ip", "-n", self.switch, "link", "set", self.port(index), "up" if up else "down")
+
+    def addresses(self, machine: Machine) -> list[str]:
+        """IPv4 addresses on the machine's eth0 (read from its namespace, no SSH)."""
+        out = run("ip", "-n", machine.netns, "-4", "-o", "addr", "show", "dev", "eth0", check=False)
+        return [line.split()[3].split("/")[0] for line in out.splitlines() if " inet " in line]
 
     def down(self) -> None:
         for machine in self.machines:
@@ -293,6 +381,7 @@ class Lab:
         run("pkill", "-f", f"ssh: {self.workdir}/cp/", check=False)
         for netns in [m.netns for m in self.machines] + [self.client, self.switch]:
             run("ip", "netns", "delete", netns, check=False)
+        remove_cgroups(self.lab_id + "-")
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def ansible_env(self) -> dict[str, str]:
@@ -338,6 +427,9 @@ class Lab:
             "    mcp_gateway_tokens:\n"
             "      - subject: lab\n        roles: [developer]\n"
             f"        sha256: {hashlib.sha256(self.api_token.encode()).hexdigest()}\n"
+            f"    mcp_gateway_vip_names: [{VIP_NAME}]\n"
+            f"    mcp_gateway_vip_addresses: [{self.vip}]\n"
+            "    keepalived_virtual_router_id: 51\n"
         )  # fmt: skip
         return path
 
@@ -358,4 +450,5 @@ def teardown(lab_id: str) -> None:
         name = line.split()[0] if line.split() else ""
         if name.startswith(lab_id + "-"):
             run("ip", "netns", "delete", name, check=False)
+    remove_cgroups(lab_id + "-")
     shutil.rmtree(LAB_DIR / lab_id, ignore_errors=True)

@@ -11,34 +11,15 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.lab.lab import ROOT, Lab, Machine
+from tests.lab.lab import ROOT, TIMINGS, Lab, Machine
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 CA = ROOT / ".tools" / "pki" / "ca.pem"
 GRPCURL = ROOT / ".tools" / "bin" / "grpcurl"
-TIMINGS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    lab = Lab(size=2)
-    started = time.monotonic()
-    try:
-        lab.up()
-        TIMINGS["boot_s"] = time.monotonic() - started
-        started = time.monotonic()
-        result = lab.playbook("site.yml")
-        TIMINGS["converge_s"] = time.monotonic() - started
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-        yield lab
-    finally:
-        lab.down()
-        print(f"\nlab timings: {json.dumps({k: round(v, 1) for k, v in TIMINGS.items()})}")
 
 
 def recap(stdout: str) -> dict[str, dict[str, int]]:
