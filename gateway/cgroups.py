@@ -502,7 +502,9 @@ class CgroupManager:
         """
         if not self.available:
             raise OSError(errno.ENOTSUP, "cgroups are unavailable")
-        name = task_dir_name(task_id, secrets.token_hex(4))
+        # The creator's pid is part of the name: a starting gateway sweeps only
+        # the directories of gateways that are gone (see _remove_stale_tasks).
+        name = task_dir_name(task_id, f"{os.getpid()}-{secrets.token_hex(4)}")
         v2_dir: str | None = None
         v1_dirs: dict[str, str] = {}
         task = TaskCgroup(None, {}, self.v2_controllers)
@@ -533,13 +535,29 @@ class CgroupManager:
                 os.rmdir(d)
 
 
+def _creator_alive(name: str) -> bool:
+    """Whether the gateway that made task directory ``name`` (``...-<pid>-<hex>``) still runs."""
+    parts = name.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False  # a name without a pid: made by an older gateway, long gone
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _remove_stale_tasks(base: str) -> None:
     # Left by a gateway that died mid-run; its sandboxes died with it
     # (--die-with-parent), so only empty directories remain: rmdir refuses
-    # anything still populated.
+    # anything still populated.  A directory of a gateway that still runs
+    # (another instance sharing the base) may be empty for an instant, between
+    # its mkdir and the attach: it is never touched.
     with contextlib.suppress(OSError):
         for name in os.listdir(base):
-            if name.startswith("task-"):
+            if name.startswith("task-") and not _creator_alive(name):
                 with contextlib.suppress(OSError):
                     os.rmdir(os.path.join(base, name))
 

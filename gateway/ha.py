@@ -95,11 +95,8 @@ class TaskIds:
         return self.tag + secrets.token_hex(12)
 
     def elsewhere(self, task_id: str) -> str | None:
-        """The node that started ``task_id`` if not this one (a name, or its tag)."""
-        tag = task_id[:8]
-        if tag == self.tag:
-            return None
-        return self._peers.get(tag, f"another node (tag {tag})")
+        """The peer that started ``task_id``; None for this node's ids and unknown tags."""
+        return self._peers.get(task_id[:8])
 
     def lost(self, task_id: str, node: str) -> FailedPrecondition:
         return FailedPrecondition(

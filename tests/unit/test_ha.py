@@ -92,6 +92,6 @@ def test_a_peer_task_is_lost_here_with_the_peer_named() -> None:
     assert error.reasons == ["task_state=LOST", "node=gw-a1"]
     assert "gw-a1" in error.message
     assert "gw-a2" in error.message
-    # A node that is not a known peer is still not "this node".
-    stranger = TaskIds("gw-b1").new()
-    assert a2.elsewhere(stranger) == f"another node (tag {stranger[:8]})"
+    # An id of no known peer (another pair, or made up) is a plain NOT_FOUND.
+    assert a2.elsewhere(TaskIds("gw-b1").new()) is None
+    assert a2.elsewhere("0" * 32) is None
