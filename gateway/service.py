@@ -43,6 +43,25 @@ READY_CACHE_S = {"sandbox": 5.0, "policy": 0.25, "disk": 1.0}
 MIN_FREE_BYTES = 64 * 1024 * 1024
 
 
+@dataclasses.dataclass(slots=True)
+class Walk:
+    """The tree below a workspace directory (see :meth:`Gateway.walk`).
+
+    ``entries`` pairs each workspace-relative path with its entry, parents
+    before children, siblings by name; ``denied`` lists the directories the
+    policy refused to list (their contents are absent); ``truncated`` is true
+    when the walk stopped at the entry cap.
+    """
+
+    entries: list[tuple[str, FileEntry]] = dataclasses.field(default_factory=list)
+    denied: list[str] = dataclasses.field(default_factory=list)
+    truncated: bool = False
+
+
+def _join(parent: str, name: str) -> str:
+    return name if parent in ("", ".") else f"{parent}/{name}"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class RequestContext:
     """Where a request came from; goes into the policy input and audit."""
@@ -314,6 +333,70 @@ class Gateway:
     async def list_files(self, subject: Subject, path: str, ctx: RequestContext) -> Listing:
         await self.decide("file.list", subject, ctx, file_path=path)
         return await asyncio.to_thread(self.workspaces.list, subject.id, path)
+
+    async def walk(
+        self,
+        subject: Subject,
+        path: str,
+        ctx: RequestContext,
+        *,
+        skip: Callable[[str], bool] = lambda _: False,
+    ) -> Walk:
+        """Walk the tree below directory ``path``, one ``file.list`` decision per directory.
+
+        A deny for ``path`` itself raises; a deny for a directory below it is
+        recorded in :attr:`Walk.denied` and the walk goes on without it.
+        ``skip(rel)`` drops an entry (and, for a directory, everything below
+        it) before any decision.  Symlinks are reported, never followed.  At
+        most ``files.max_list_entries`` entries in all.
+        """
+        cap = self.config.files.max_list_entries
+        walk = Walk()
+        pending = [path]
+        first = True
+        while pending:
+            current = pending.pop(0)
+            try:
+                listing = await self.list_files(subject, current, ctx)
+            except PermissionDenied:
+                if first:
+                    raise
+                walk.denied.append(current)
+                continue
+            first = False
+            walk.truncated |= listing.truncated
+            for entry in listing:
+                rel = _join(current, entry.name)
+                if skip(rel):
+                    continue
+                if len(walk.entries) >= cap:
+                    walk.truncated = True
+                    pending.clear()
+                    break
+                walk.entries.append((rel, entry))
+                if entry.type == "dir":
+                    pending.append(rel)
+        # Component-wise order puts every directory right before its contents.
+        walk.entries.sort(key=lambda item: item[0].split("/"))
+        return walk
+
+    async def move_file(
+        self, subject: Subject, source: str, destination: str, ctx: RequestContext
+    ) -> None:
+        """Rename within the workspace: a ``file.delete`` of the source and a
+        ``file.write`` of the destination must both be allowed."""
+        await self.decide("file.delete", subject, ctx, file_path=source)
+        await self.decide("file.write", subject, ctx, file_path=destination)
+        await asyncio.to_thread(self.workspaces.move, subject.id, source, destination)
+        await self._audit_or_unavailable(
+            "file.moved",
+            {
+                "subject": subject.id,
+                "request_id": ctx.request_id,
+                "path": source,
+                "destination": destination,
+            },
+        )
 
     async def write_file(
         self,
