@@ -25,7 +25,15 @@ from gateway.config import Config, LimitsConfig
 from gateway.errors import McpError, NotFound, PermissionDenied, Unavailable
 from gateway.ha import TaskIds
 from gateway.metrics import Metrics
-from gateway.models import CommandSpec, Decision, Limits, SandboxRequest, Subject, Transport
+from gateway.models import (
+    CommandSpec,
+    Decision,
+    Limits,
+    SandboxRequest,
+    Stream,
+    Subject,
+    Transport,
+)
 from gateway.policy import PolicyEngine, build_policy_input
 from gateway.reload import PolicyReloader
 from gateway.sandbox import Sandbox
@@ -304,6 +312,29 @@ class Gateway:
             span.set_attribute("mcp.output.chunks", chunks)
             span.set_attribute("mcp.output.bytes", sent)
             span.end()
+
+    async def read_output(
+        self,
+        subject: Subject,
+        task_id: str,
+        ctx: RequestContext,
+        *,
+        stream: Stream = "stdout",
+        offset: int = 0,
+        length: int,
+    ) -> tuple[TaskRecord, bytes, int]:
+        """Authorize, then ``length`` bytes of one stream from ``offset`` and its size so far."""
+        record = await self.task(subject, task_id, ctx)
+        data = self.tasks.output(task_id, stream)
+        return record, data[offset : offset + length], len(data)
+
+    async def list_tasks(
+        self, subject: Subject, ctx: RequestContext, limit: int
+    ) -> list[TaskRecord]:
+        """The subject's own newest tasks: one ``task.read`` decision for task id ``*``
+        owned by the subject (the policy's "own tasks" grant)."""
+        await self.decide("task.read", subject, ctx, task_id="*", task_owner=subject.id)
+        return self.tasks.owned(subject.id, limit)
 
     async def cancel(self, subject: Subject, task_id: str, ctx: RequestContext) -> TaskRecord:
         record = self._record(task_id)
