@@ -47,6 +47,7 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
 
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -99,6 +100,20 @@ def _tools() -> dict[str, Tool]:
 
 
 TOOLS: dict[str, Tool] = _tools()
+
+
+async def _visible_tools(call: ToolCall) -> list[dict[str, Any]]:
+    """The tools whose every policy action the subject may perform (one probe per action).
+
+    Hiding a tool is a convenience for the agent, not the enforcement: each
+    call is decided on its own arguments anyway.
+    """
+    actions = sorted({a for tool in TOOLS.values() for a in tool.actions})
+    allowed = set()
+    for action in actions:
+        if await call.gateway.may(action, call.subject, call.ctx):
+            allowed.add(action)
+    return [t.describe() for t in TOOLS.values() if allowed.issuperset(t.actions)]
 
 
 async def _call_tool(call: ToolCall, params: dict[str, Any]) -> Result:
@@ -263,7 +278,10 @@ async def _dispatch(call: ToolCall, method: str, params: dict[str, Any]) -> dict
     if method == "ping":
         return {}
     if method == "tools/list":
-        return {"tools": [t.describe() for t in TOOLS.values()]}
+        try:
+            return {"tools": await _visible_tools(call)}
+        except McpError as exc:
+            raise _RpcError(INTERNAL_ERROR, f"{exc.code}: {exc.message}") from exc
     if method == "tools/call":
         return await _call_tool(call, params)
     raise _RpcError(METHOD_NOT_FOUND, f"method not found: {method}")

@@ -66,6 +66,9 @@ class Walk:
     truncated: bool = False
 
 
+_PROBE_COMMAND = CommandSpec(name="true", args=(), cwd="/workspace")
+
+
 def _join(parent: str, name: str) -> str:
     return name if parent in ("", ".") else f"{parent}/{name}"
 
@@ -189,6 +192,27 @@ class Gateway:
                 reasons=list(decision.deny_reasons),
             )
         return decision
+
+    async def may(self, action: str, subject: Subject, ctx: RequestContext) -> bool:
+        """Whether the policy lets ``subject`` perform ``action`` at all (decided, audited).
+
+        A representative request stands for the action: a file operation is a
+        probe (``file.probe``: granted on any path), a task operation is on
+        the subject's own tasks (task ``*``), a command is ``true`` in the
+        workspace.  Nothing is done; used to show only callable MCP tools.
+        """
+        details: dict[str, Any] = {}
+        if action.startswith("file."):
+            details = {"file_path": "", "probe": True}
+        elif action.startswith("task."):
+            details = {"task_id": "*", "task_owner": subject.id}
+        elif action == "command.execute":
+            details = {"command": _PROBE_COMMAND}
+        try:
+            await self.decide(action, subject, ctx, **details)
+        except PermissionDenied:
+            return False
+        return True
 
     async def _audit_decision(
         self,

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+from gateway.app import build_app
+from gateway.config import hash_token
 from gateway.models import TaskState
 from gateway.rest import GATEWAY
+from tests.conftest import POLICIES, make_config
 from tests.integration.conftest import Api
 
 pytestmark = pytest.mark.integration
@@ -303,3 +311,83 @@ async def test_client_disconnect_cancels_the_command(api: Api) -> None:
     assert record.ended_at is not None
     assert record.started_at is not None
     assert record.ended_at - record.started_at < 15
+
+
+# -- the tool list follows the policy ---------------------------------------------------
+
+WRITE_TOOLS = {"write_file", "edit_file", "create_directory", "move_file"}
+COMMAND_TOOLS = {"shell_execute", "job_start", "job_output", "job_terminate", "job_list"}
+
+
+async def _tool_names(api: Api, token: str) -> set[str]:
+    async with (
+        create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http,
+        streamable_http_client(api.url("/mcp"), http_client=http) as (read, write, _),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        return {t.name for t in (await session.list_tools()).tools}
+
+
+async def test_tool_list_follows_the_policy(api: Api) -> None:
+    """readonly sees no writing tool; agent (writes under src/, deletes under out/) sees them."""
+    everything = await _tool_names(api, "admin-token")
+    assert everything >= WRITE_TOOLS | COMMAND_TOOLS | {"read_text_file", "directory_tree"}
+    reader = await _tool_names(api, "reader-token")
+    assert not reader & WRITE_TOOLS
+    assert reader == everything - WRITE_TOOLS
+    assert await _tool_names(api, "agent-token") == everything
+    probes = [
+        e
+        for e in (json.loads(line) for line in (api.state / "audit.log").read_text().splitlines())
+        if e["event"] == "policy.decision"
+        and e["subject"] == "reader"
+        and e["input"].get("file", {}).get("probe")
+    ]
+    assert {(e["action"], e["allow"]) for e in probes} == {
+        ("file.read", True),
+        ("file.list", True),
+        ("file.write", False),
+        ("file.delete", False),
+    }
+
+
+async def test_tool_list_of_a_role_without_commands(state_dir: Path, tmp_path: Path) -> None:
+    """A role granted no program and no tasks does not see the command and job tools."""
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    data = json.loads((policies / "data.json").read_text())
+    data["gateway"]["roles"]["viewer"] = {
+        **data["gateway"]["roles"]["readonly"],
+        "commands": [],
+        "tasks": {},
+    }
+    (policies / "data.json").write_text(json.dumps(data))
+    config = make_config(
+        state_dir,
+        policy={"dir": str(policies)},
+        auth={"tokens": [{"subject": "carol", "roles": ["viewer"], "sha256": hash_token("c")}]},
+    )
+    server = TestServer(build_app(config), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            names = await _tool_names(Api(server, http, state_dir), "c")
+            async with (
+                create_mcp_http_client(headers={"Authorization": "Bearer c"}) as client,
+                streamable_http_client(str(server.make_url("/mcp")), http_client=client) as (
+                    read,
+                    write,
+                    _,
+                ),
+                ClientSession(read, write) as session,
+            ):
+                await session.initialize()
+                # Hidden is not the enforcement: a direct call is still decided.
+                result = await session.call_tool("shell_execute", {"command": ["true"]})
+                assert result.isError is True
+                assert "PERMISSION_DENIED" in _text(result)
+    finally:
+        await server.close()
+    assert not names & (COMMAND_TOOLS | WRITE_TOOLS)
+    assert {"read_text_file", "list_directory", "search_files"} <= names
