@@ -9,12 +9,13 @@ Authentication is the REST bearer middleware; every tool goes through
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 import structlog
@@ -27,7 +28,7 @@ from gateway import __version__
 from gateway.errors import InvalidArgument, McpError
 from gateway.mcp_commands import COMMAND_TOOLS
 from gateway.mcp_files import FILE_TOOLS
-from gateway.mcp_tool import Result, Tool, ToolCall, tool_error
+from gateway.mcp_tool import Progress, Result, Tool, ToolCall, tool_error
 from gateway.models import Subject
 from gateway.rest import GATEWAY, SUBJECT
 from gateway.schema import pydantic_error
@@ -48,6 +49,9 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
+#: Answer to a request the client cancelled (the code LSP uses; MCP sends none,
+#: but an HTTP POST needs an answer).
+REQUEST_CANCELLED = -32800
 
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -57,6 +61,8 @@ class _Session:
     subject: str
     version: str
     created: float
+    #: Requests being answered, by JSON-RPC id: what notifications/cancelled stops.
+    inflight: dict[str | int, asyncio.Future[Any]] = field(default_factory=dict)
 
 
 class McpSessions:
@@ -183,11 +189,11 @@ async def mcp_handler(request: web.Request) -> web.StreamResponse:
     return web.Response(status=405, headers={"Allow": "POST, DELETE"})
 
 
-def _is_id(value: Any) -> bool:
+def _is_id(value: Any) -> TypeGuard[str | int]:
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
-async def _post(request: web.Request) -> web.Response:
+async def _post(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     try:
         message = json.loads(raw)
@@ -230,7 +236,8 @@ async def _post(request: web.Request) -> web.Response:
     session_id = request.headers.get(SESSION_HEADER)
     if session_id is None:
         return _rpc_error(request_id, INVALID_REQUEST, f"missing {SESSION_HEADER}", status=400)
-    if sessions.get(session_id, subject.id) is None:
+    session = sessions.get(session_id, subject.id)
+    if session is None:
         return _rpc_error(request_id, INVALID_REQUEST, "unknown session", status=404)
     header = request.headers.get(VERSION_HEADER)
     if header is not None and header not in SUPPORTED_VERSIONS:
@@ -239,23 +246,32 @@ async def _post(request: web.Request) -> web.Response:
         )
     if method is None or request_id is None:
         # A notification (notifications/initialized, cancelled...) or a response.
+        if method == "notifications/cancelled":
+            _cancel_inflight(session, params)
         return web.Response(status=202)
 
     gateway = request.app[GATEWAY]
+    meta = params.get("_meta")
+    token = meta.get("progressToken") if isinstance(meta, dict) else None
+    if not _is_id(token):
+        token = None
+    stream = _SseReply(request) if wants_sse(request.headers.get("Accept", ""), token) else None
     call = ToolCall(
         request,
         gateway,
         subject,
         RequestContext(transport="mcp", source=request.remote or ""),
+        progress=stream.progress_sender(token) if stream and token is not None else None,
     )
     # params._meta.traceparent (the MCP convention) continues the agent's
     # trace; without it the span is a child of the HTTP request's span.
     http_span = trace.get_current_span()
-    parent = extract_meta(params.get("_meta"))
+    parent = extract_meta(meta)
     tool = params.get("name") if method == "tools/call" else None
     attributes: dict[str, str] = {"mcp.method.name": method, "mcp.transport": "mcp"}
     if isinstance(tool, str):
         attributes["gen_ai.tool.name"] = tool
+    reply: dict[str, Any]
     with gateway.tracing.span(
         f"{method} {tool}" if isinstance(tool, str) else method,
         kind=SpanKind.SERVER,
@@ -264,14 +280,120 @@ async def _post(request: web.Request) -> web.Response:
     ) as span:
         if parent is not None and http_span.get_span_context().is_valid:
             span.add_link(http_span.get_span_context())
+        if stream is not None:
+            await stream.open()
+        work = asyncio.ensure_future(_dispatch(call, method, params))
+        session.inflight[request_id] = work
         try:
-            result = await _dispatch(call, method, params)
+            result = await work
         except _RpcError as exc:
             span.set_attribute("rpc.jsonrpc.error_code", exc.code)
-            return _rpc_error(request_id, exc.code, exc.message, status=exc.status)
-        if result.get("isError") is True:
-            span.set_attribute("mcp.tool.is_error", True)
-    return web.json_response({"jsonrpc": "2.0", "id": request_id, "result": result})
+            if stream is None:
+                return _rpc_error(request_id, exc.code, exc.message, status=exc.status)
+            reply = _error_body(request_id, exc.code, exc.message)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not work.cancelled() or (current is not None and current.cancelling()):
+                raise
+            # Cancelled by the client's notifications/cancelled: the tool has
+            # stopped its command; the client no longer waits for an answer.
+            span.set_attribute("mcp.cancelled", True)
+            reply = _error_body(request_id, REQUEST_CANCELLED, "request cancelled by the client")
+            if stream is None:
+                return web.json_response(reply)
+        else:
+            if result.get("isError") is True:
+                span.set_attribute("mcp.tool.is_error", True)
+            reply = {"jsonrpc": "2.0", "id": request_id, "result": result}
+        finally:
+            if session.inflight.get(request_id) is work:
+                del session.inflight[request_id]
+            if not work.done():
+                work.cancel()
+    if stream is None:
+        return web.json_response(reply)
+    return await stream.finish(reply)
+
+
+def _error_body(request_id: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+
+def _cancel_inflight(session: _Session, params: dict[str, Any]) -> None:
+    request_id = params.get("requestId")
+    if not _is_id(request_id):
+        return
+    work = session.inflight.get(request_id)
+    if work is not None and not work.done():
+        log.info("mcp request cancelled by the client", request_id=request_id)
+        work.cancel()
+
+
+def _media_q(accept: str, media: str) -> float:
+    """The quality ``accept`` gives ``media`` (RFC 9110, 12.5.1), 0 when not acceptable."""
+    kind = media.split("/", 1)[0]
+    best, specificity = 0.0, -1
+    for item in accept.split(","):
+        name, *options = (part.strip() for part in item.split(";"))
+        name = name.lower()
+        rank = 2 if name == media else 1 if name == f"{kind}/*" else 0 if name == "*/*" else -1
+        if rank < specificity or rank < 0:
+            continue
+        q = 1.0
+        for option in options:
+            key, _, value = option.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0
+        best, specificity = q, rank
+    return best
+
+
+def wants_sse(accept: str, progress_token: Any) -> bool:
+    """Answer with an SSE stream?  When the client prefers ``text/event-stream`` to
+    ``application/json``, or accepts both equally and asked for progress (which
+    only a stream can carry).  Pure."""
+    sse, plain = _media_q(accept, "text/event-stream"), _media_q(accept, "application/json")
+    return sse > plain or (sse > 0 and sse == plain and progress_token is not None)
+
+
+class _SseReply:
+    """One POST answered as ``text/event-stream``: notifications, then the response."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+
+    async def open(self) -> None:
+        await self._response.prepare(self._request)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        data = json.dumps(message, separators=(",", ":"))
+        with contextlib.suppress(ConnectionResetError):
+            await self._response.write(f"event: message\ndata: {data}\n\n".encode())
+
+    def progress_sender(self, token: str | int) -> Progress:
+        async def progress(value: float, total: float | None, message: str) -> None:
+            params: dict[str, Any] = {"progressToken": token, "progress": value}
+            if total is not None:
+                params["total"] = total
+            if message:
+                params["message"] = message
+            await self.send(
+                {"jsonrpc": "2.0", "method": "notifications/progress", "params": params}
+            )
+
+        return progress
+
+    async def finish(self, reply: dict[str, Any]) -> web.StreamResponse:
+        await self.send(reply)
+        with contextlib.suppress(ConnectionResetError):
+            await self._response.write_eof()
+        return self._response
 
 
 async def _dispatch(call: ToolCall, method: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from typing import Annotated, Any, Literal
 
 import structlog
@@ -34,6 +35,9 @@ log = structlog.get_logger("gateway.mcp")
 DEFAULT_OUTPUT_READ = 64 * 1024
 MAX_OUTPUT_READ = 1024 * 1024
 MAX_JOBS_LISTED = 200
+
+#: How often a waiting ``shell_execute`` reports progress when asked to.
+PROGRESS_INTERVAL_S = 1.0
 
 #: How often a waiting ``shell_execute`` checks that its HTTP client is still there.
 DISCONNECT_POLL_S = 0.25
@@ -74,8 +78,15 @@ def command_spec(call: ToolCall, args: ShellExecuteArgs) -> CommandSpec:
 
 
 async def _wait_watching(call: ToolCall, record: TaskRecord) -> TaskRecord:
-    """Wait for the task; cancel it if the HTTP client goes away first."""
+    """Wait for the task; report progress if asked; cancel it if the client goes away.
+
+    A cancelled wait (the client's ``notifications/cancelled``) cancels the
+    task too: its process tree is killed and the cancellation audited.
+    """
     waiter = asyncio.ensure_future(call.gateway.tasks.wait(record.id))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reported = -math.inf
     try:
         while True:
             done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
@@ -86,12 +97,25 @@ async def _wait_watching(call: ToolCall, record: TaskRecord) -> TaskRecord:
                 log.info("mcp client went away; cancelling", task_id=record.id)
                 await _cancel_quietly(call, record.id)
                 return await waiter
+            now = loop.time()
+            if call.progress is not None and now - reported >= PROGRESS_INTERVAL_S:
+                reported = now
+                await _report(call, record, round(now - started, 3))
     except asyncio.CancelledError:
         await asyncio.shield(_cancel_quietly(call, record.id))
         raise
     finally:
         if not waiter.done():
             waiter.cancel()
+
+
+async def _report(call: ToolCall, record: TaskRecord, elapsed: float) -> None:
+    """One progress notification: seconds elapsed out of the timeout, output so far."""
+    assert call.progress is not None  # noqa: S101 - the caller checked
+    tasks = call.gateway.tasks
+    size = len(tasks.output(record.id, "stdout")) + len(tasks.output(record.id, "stderr"))
+    state = tasks.get(record.id).state
+    await call.progress(elapsed, record.timeout_s or None, f"{state}, {size} bytes of output")
 
 
 async def _cancel_quietly(call: ToolCall, task_id: str) -> None:

@@ -37,14 +37,23 @@ TEXT_OUTPUT: dict[str, Any] = {
 }
 
 
+#: Sends ``notifications/progress``: (progress, total or None, message).
+Progress = Callable[[float, float | None, str], Awaitable[None]]
+
+
 @dataclass(slots=True)
 class ToolCall:
-    """One ``tools/call``: who asks, through which request, on which gateway."""
+    """One ``tools/call``: who asks, through which request, on which gateway.
+
+    ``progress`` is set when the client asked for progress (``_meta.progressToken``)
+    and the answer is a stream that can carry it.
+    """
 
     request: web.Request
     gateway: Gateway
     subject: Subject
     ctx: RequestContext
+    progress: Progress | None = None
 
 
 @dataclass(frozen=True, slots=True)
