@@ -152,9 +152,20 @@ class Gateway:
     # -- decisions -------------------------------------------------------------
 
     async def decide(
-        self, action: str, subject: Subject, ctx: RequestContext, **details: Any
+        self,
+        action: str,
+        subject: Subject,
+        ctx: RequestContext,
+        *,
+        visibility: bool = False,
+        **details: Any,
     ) -> Decision:
-        """Decide and audit; raise PermissionDenied on deny, Unavailable if unaudited."""
+        """Decide and audit; raise PermissionDenied on deny, Unavailable if unaudited.
+
+        ``visibility`` marks a question asked only to show the subject what it
+        may do (:meth:`may`): audited with ``"visibility": true`` and left out
+        of the allow/deny counter, so listing tools cannot look like probing.
+        """
         doc = build_policy_input(
             action,
             subject,
@@ -177,15 +188,16 @@ class Gateway:
             self.metrics.policy_decision_seconds.labels(engine=self.policy.name).observe(
                 time.perf_counter() - started
             )
-            self.metrics.policy_decisions.labels(
-                action=action, result="allow" if decision.allow else "deny"
-            ).inc()
+            if not visibility:
+                self.metrics.policy_decisions.labels(
+                    action=action, result="allow" if decision.allow else "deny"
+                ).inc()
             span.set_attribute("mcp.policy.allow", decision.allow)
             if decision.decision_id:
                 span.set_attribute("mcp.policy.decision_id", decision.decision_id)
             if decision.revision:
                 span.set_attribute("mcp.policy.revision", decision.revision)
-            await self._audit_decision(action, subject, ctx, doc, decision)
+            await self._audit_decision(action, subject, ctx, doc, decision, visibility)
         if not decision.allow:
             raise PermissionDenied(
                 "denied by policy: " + "; ".join(decision.deny_reasons or ("no reason given",)),
@@ -209,7 +221,7 @@ class Gateway:
         elif action == "command.execute":
             details = {"command": _PROBE_COMMAND}
         try:
-            await self.decide(action, subject, ctx, **details)
+            await self.decide(action, subject, ctx, visibility=True, **details)
         except PermissionDenied:
             return False
         return True
@@ -221,8 +233,9 @@ class Gateway:
         ctx: RequestContext,
         doc: Mapping[str, Any],
         decision: Decision,
+        visibility: bool = False,
     ) -> None:
-        record = {
+        record: dict[str, Any] = {
             "action": action,
             "subject": subject.id,
             "roles": list(subject.roles),
@@ -238,6 +251,8 @@ class Gateway:
             "policy_revision": decision.revision,
             "input": {k: v for k, v in doc.items() if k in ("command", "file", "task", "sandbox")},
         }
+        if visibility:
+            record["visibility"] = True
         await self._audit_or_unavailable("policy.decision", record)
 
     async def _audit_or_unavailable(self, event: str, fields: Mapping[str, Any]) -> None:

@@ -350,6 +350,10 @@ async def test_tool_list_follows_the_policy(api: Api) -> None:
         ("file.write", False),
         ("file.delete", False),
     }
+    assert all(e["visibility"] is True for e in probes)
+    # Listing tools is not a denial spike: visibility questions are not counted.
+    counter = api.server.app[GATEWAY].metrics.policy_decisions
+    assert counter.labels(action="file.write", result="deny")._value.get() == 0
 
 
 async def test_tool_list_of_a_role_without_commands(state_dir: Path, tmp_path: Path) -> None:
