@@ -5,7 +5,8 @@ stdin/stdout with the SDK's server and stdio transport, and forwards
 ``tools/list`` and ``tools/call`` through one SDK client session over
 Streamable HTTP, authenticated with a bearer token and/or a TLS client
 certificate.  Results pass through unchanged (``isError`` included); the
-gateway does every check, so the bridge validates nothing itself.
+gateway does every check, so the bridge validates nothing itself.  Progress
+(``_meta.progressToken``) is forwarded back, cancellation forward.
 
 Nothing but protocol messages may reach stdout: logs go to stderr.
 """
@@ -20,11 +21,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import httpx
 from mcp import ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
+from mcp.shared.session import ProgressFnT
 
 from gateway import __version__
 from gateway.errors import InvalidArgument
@@ -117,7 +120,34 @@ def bridge_server(session: ClientSession, instructions: str | None) -> Server[An
 
     @server.call_tool(validate_input=False)  # type: ignore[untyped-decorator]
     async def call_tool(name: str, arguments: dict[str, Any]) -> types.CallToolResult:
-        return await session.call_tool(name, arguments)
+        ctx = server.request_context
+        token = ctx.meta.progressToken if ctx.meta is not None else None
+        forward: ProgressFnT | None = None
+        if token is not None:
+
+            async def forward(progress: float, total: float | None, message: str | None) -> None:
+                await ctx.session.send_progress_notification(
+                    token, progress, total, message, related_request_id=str(ctx.request_id)
+                )
+
+        # The id the client session gives the upstream request: send_request
+        # takes it before its first await, so nothing can come in between.
+        upstream_id = session._request_id  # no public accessor
+        try:
+            return await session.call_tool(name, arguments, progress_callback=forward)
+        except anyio.get_cancelled_exc_class():
+            # The local client cancelled: tell the gateway, which kills the command.
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await session.send_notification(
+                    types.ClientNotification(
+                        types.CancelledNotification(
+                            params=types.CancelledNotificationParams(
+                                requestId=upstream_id, reason="cancelled by the local client"
+                            )
+                        )
+                    )
+                )
+            raise
 
     return server
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mcp import ClientSession, StdioServerParameters
+from mcp import ClientSession, StdioServerParameters, types
 from mcp.client.stdio import stdio_client
 
+from gateway.models import TaskState
 from gateway.rest import GATEWAY
 from tests.conftest import ROOT
 from tests.integration.conftest import Api
@@ -179,3 +180,50 @@ async def test_rejected_token_is_one_clear_line(api: Api) -> None:
     assert stderr.decode().startswith("error: UNAUTHENTICATED: "), stderr
     assert b"401" in stderr
     assert b"Traceback" not in stderr
+
+
+async def test_bridge_forwards_progress_and_cancellation(api: Api) -> None:
+    """Progress comes back through the bridge; a local cancel kills the gateway's command."""
+    seen: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(progress)
+
+    tasks = api.server.app[GATEWAY].tasks
+    env = bridge_env(MCP_GATEWAY_TOKEN="alice-token")
+    async with bridge(["--url", api.url("/")], env) as client:
+        await client.call_tool("write_file", {"path": "slow.sh", "content": "sleep 2.5\necho b\n"})
+        result = await client.call_tool(
+            "shell_execute", {"command": ["sh", "slow.sh"]}, progress_callback=on_progress
+        )
+        assert result.structuredContent is not None
+        assert result.structuredContent["stdout"] == "b\n"
+        assert len(seen) >= 2
+
+        local_id = client._request_id  # the id the next request gets
+        call = asyncio.create_task(client.call_tool("shell_execute", {"command": ["sleep", "30"]}))
+        for _ in range(200):
+            if tasks._live:
+                break
+            await asyncio.sleep(0.05)
+        (task_id,) = tasks._live
+        await client.send_notification(
+            types.ClientNotification(
+                types.CancelledNotification(
+                    params=types.CancelledNotificationParams(requestId=local_id)
+                )
+            )
+        )
+        for _ in range(200):
+            if task_id not in tasks._live:
+                break
+            await asyncio.sleep(0.05)
+        assert task_id not in tasks._live  # stopped by the notification alone
+        call.cancel()
+        with contextlib.suppress(BaseException):
+            await call
+    record = tasks.get(task_id)
+    assert record.state == TaskState.CANCELLED
+    assert record.ended_at is not None
+    assert record.started_at is not None
+    assert record.ended_at - record.started_at < 15
