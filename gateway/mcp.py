@@ -1,10 +1,14 @@
 """Model Context Protocol endpoint: Streamable HTTP at ``/mcp`` on the REST app.
 
-JSON-RPC 2.0 over POST, answered with ``application/json`` (no SSE stream),
-protocol revisions 2025-06-18 and 2025-11-25.  ``initialize`` issues an
-``Mcp-Session-Id`` bound to the authenticated subject; DELETE ends it.
+JSON-RPC 2.0 over POST, protocol revisions 2025-06-18 and 2025-11-25.  A
+POST is answered with ``application/json``, or with a ``text/event-stream``
+carrying progress notifications and then the response when the client prefers
+it (:func:`wants_sse`); there is no GET stream.  ``initialize`` issues an
+``Mcp-Session-Id`` bound to the authenticated subject; DELETE ends it;
+``notifications/cancelled`` stops a request of the session still in flight.
 Authentication is the REST bearer middleware; every tool goes through
-:class:`~gateway.service.Gateway`, so policy, audit and sandbox apply unchanged.
+:class:`~gateway.service.Gateway`, so policy, audit and sandbox apply unchanged,
+and ``tools/list`` shows only the tools the policy lets the subject call.
 """
 
 from __future__ import annotations
