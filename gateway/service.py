@@ -9,6 +9,7 @@ runs or any file is touched.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import math
 import os
@@ -422,10 +423,10 @@ class Gateway:
         """
         cap = self.config.files.max_list_entries
         walk = Walk()
-        pending = [path]
+        pending = collections.deque([path])
         first = True
         while pending:
-            current = pending.pop(0)
+            current = pending.popleft()
             try:
                 listing = await self.list_files(subject, current, ctx)
             except PermissionDenied:
