@@ -16,8 +16,10 @@ PYTEST     := $(BIN)/pytest
 run: sysdeps venv opa
 	$(BIN)/mcp-gateway serve --config $(CONFIG)
 
-test: sysdeps venv lint policy-check grpcurl jaeger observability-check ansible-check
-	$(PYTEST) -q tests/unit tests/integration
+# The lab suite (tests/lab: nspawn machines, site.yml, molecule, HA failovers,
+# upgrade.yml) runs last; it needs root and takes about ten minutes.
+test: sysdeps venv lint policy-check opa grpcurl jaeger observability-check ansible-check
+	$(PYTEST) -q tests/unit tests/integration tests/lab
 
 test-unit: venv
 	$(PYTEST) -q -m unit tests/unit
