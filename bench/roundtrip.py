@@ -2,7 +2,8 @@
 
 Prints p50/p95 of a bare ``bwrap`` spawn with the gateway's own flags (same
 argv builder, seccomp filter and synthetic /etc files) next to
-``POST /v1/commands`` with ``wait`` for ``echo``, their ratio, sustained
+``POST /v1/commands`` with ``wait`` for ``echo`` (and the same over gRPC and
+as an MCP ``tools/call`` of ``shell_execute``), their ratios, sustained
 tasks/s at concurrency 16 against a raw bwrap loop, and the gateway's RSS
 while 1 GiB of output streams through a capped task.
 
@@ -75,6 +76,48 @@ async def gateway_echo(session: aiohttp.ClientSession, url: str) -> None:
     ) as resp:
         body = await resp.json()
         assert resp.status == 200 and body["stdout"] == "hello\n", body
+
+
+class McpSession:
+    """One MCP session on ``/mcp`` (initialize, then ``tools/call`` of shell_execute)."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session = session
+        self.url = url + "/mcp"
+        self.headers = {"Accept": "application/json, text/event-stream"}
+        self.ids = 0
+
+    async def rpc(self, method: str, params: dict[str, object], notify: bool = False) -> object:
+        self.ids += 1
+        body: dict[str, object] = {"jsonrpc": "2.0", "method": method, "params": params}
+        if not notify:
+            body["id"] = self.ids
+        async with self.session.post(self.url, json=body, headers=self.headers) as resp:
+            if "Mcp-Session-Id" in resp.headers:
+                self.headers["Mcp-Session-Id"] = resp.headers["Mcp-Session-Id"]
+                self.headers["MCP-Protocol-Version"] = "2025-11-25"
+            if notify:
+                assert resp.status == 202, resp.status
+                return None
+            reply = await resp.json()
+            assert resp.status == 200 and "result" in reply, reply
+            return reply["result"]
+
+    async def open(self) -> McpSession:
+        info = {"name": "bench", "version": "1"}
+        await self.rpc(
+            "initialize",
+            {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": info},
+        )
+        await self.rpc("notifications/initialized", {}, notify=True)
+        return self
+
+    async def echo(self) -> None:
+        result = await self.rpc(
+            "tools/call", {"name": "shell_execute", "arguments": {"command": ["echo", "hello"]}}
+        )
+        assert isinstance(result, dict) and not result.get("isError"), result
+        assert result["structuredContent"]["stdout"] == "hello\n", result
 
 
 async def sandbox_run(sandbox: BwrapSandbox, workspace: str) -> None:
@@ -220,15 +263,19 @@ async def main(args: argparse.Namespace) -> None:
                 bare_lat: list[float] = []
                 gw_lat: list[float] = []
                 grpc_lat: list[float] = []
+                mcp_lat: list[float] = []
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as channel:
                     stub = mcp_pb2_grpc.McpServiceStub(channel)
                     via_grpc = lambda: grpc_echo(stub)  # noqa: E731
+                    mcp = await McpSession(session, gw.url).open()
                     for _ in range(args.rounds):
                         bare_lat += await latencies(bare, args.n // args.rounds, 3)
                         gw_lat += await latencies(echo, args.n // args.rounds, 3)
                         grpc_lat += await latencies(via_grpc, args.n // args.rounds, 3)
+                        mcp_lat += await latencies(mcp.echo, args.n // args.rounds, 3)
                 raw_tps = await throughput(bare, args.total, args.concurrency)
                 gw_tps = await throughput(echo, args.total, args.concurrency)
+                mcp_tps = await throughput(mcp.echo, args.total, args.concurrency)
                 before, peak, flood = await output_flood(session, gw.url, gw.proc.pid)
         finally:
             gw.stop()
@@ -247,6 +294,12 @@ async def main(args: argparse.Namespace) -> None:
         f"ratio gRPC/bare         p50 {r50 / b50:5.2f}x      p95 {r95 / b95:5.2f}x"
         "   (target p50 <= 1.30x)"
     )
+    m50, m95 = pct(mcp_lat, 50), pct(mcp_lat, 95)
+    print(f"MCP tools/call echo     p50 {m50:7.2f} ms   p95 {m95:7.2f} ms   (n={len(mcp_lat)})")
+    print(
+        f"ratio MCP/bare          p50 {m50 / b50:5.2f}x      p95 {m95 / b95:5.2f}x"
+        "   (target p50 <= 1.50x)"
+    )
     s50, p50 = pct(parts["sandbox"], 50), pct(parts["policy"], 50)
     print(
         f"  of which: sandbox.run alone p50 {s50:6.2f} ms ({s50 / b50:.2f}x bare); "
@@ -255,6 +308,8 @@ async def main(args: argparse.Namespace) -> None:
     print(f"raw bwrap loop          {raw_tps:7.1f} tasks/s at concurrency {args.concurrency}")
     print(f"gateway REST            {gw_tps:7.1f} tasks/s at concurrency {args.concurrency}")
     print(f"ratio throughput        {gw_tps / raw_tps:5.2f}x   (target >= 0.70x)")
+    print(f"gateway MCP tools/call  {mcp_tps:7.1f} tasks/s at concurrency {args.concurrency}")
+    print(f"ratio MCP throughput    {mcp_tps / raw_tps:5.2f}x   (target >= 0.60x)")
     print(
         f"1 GiB output flood      gateway RSS {before / 1024:.1f} MiB before, "
         f"{peak / 1024:.1f} MiB peak (target < 150 MiB); task {flood.get('state')}, "

@@ -3,7 +3,8 @@
 Client commands read ``MCP_GATEWAY_URL`` and ``MCP_GATEWAY_TOKEN`` unless
 ``--url``/``--token`` are given.  Errors print one line ``error: CODE: message``
 and exit 1 (2 for bad usage or configuration); ``exec`` exits with the
-command's own exit code.
+command's own exit code.  ``mcp-stdio`` serves MCP on stdin/stdout for local
+MCP clients, forwarding to a gateway's ``/mcp`` (docs/mcp.md).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.errors import McpError
+from gateway.errors import InvalidArgument, McpError
 
 DEFAULT_URL = "http://127.0.0.1:8081"
 
@@ -52,6 +53,19 @@ def _parser() -> argparse.ArgumentParser:
     files.add_argument("--recursive", action="store_true")
     files.add_argument("--mode", default="644")
     files.add_argument("--create-dirs", action="store_true")
+
+    bridge = sub.add_parser(
+        "mcp-stdio", help="serve MCP on stdin/stdout, forwarding to a gateway's /mcp"
+    )
+    bridge.add_argument(
+        "--url", dest="mcp_url", help="gateway base URL or its /mcp URL (default: --url)"
+    )
+    bridge.add_argument(
+        "--token-file", type=Path, help="file holding the bearer token (default: MCP_GATEWAY_TOKEN)"
+    )
+    bridge.add_argument("--ca", type=Path, help="CA bundle to verify the gateway (https)")
+    bridge.add_argument("--cert", type=Path, help="client certificate (PEM) for mTLS")
+    bridge.add_argument("--key", type=Path, help="its private key (PEM), if not in --cert")
 
     audit = sub.add_parser("audit", help="audit log tools")
     audit.add_argument("action", choices=["verify"])
@@ -219,6 +233,48 @@ def _read_source(source: str | None) -> bytes:
     return Path(source).read_bytes() if source else sys.stdin.buffer.read()
 
 
+def _mcp_stdio(args: argparse.Namespace) -> int:
+    import logging
+
+    from gateway import mcp_stdio
+
+    # stdout carries the protocol: every log line goes to stderr.
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    try:
+        token = mcp_stdio.read_token(args.token_file) if args.token_file else args.token
+        options = mcp_stdio.BridgeOptions(
+            url=mcp_stdio.endpoint(args.mcp_url or args.url),
+            token=token,
+            ca=args.ca,
+            cert=args.cert,
+            key=args.key,
+        )
+        if not options.token and options.cert is None:
+            raise InvalidArgument(
+                "no credentials: give --token-file, MCP_GATEWAY_TOKEN or --cert", field="token"
+            )
+        mcp_stdio.tls_context(options)  # load the TLS files now, for a clear error
+    except McpError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(mcp_stdio.run(options))
+    except Exception as exc:  # the edge: one line, never a traceback
+        leaf = _leaf(exc)
+        status = getattr(getattr(leaf, "response", None), "status_code", 0)
+        code = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED"}.get(int(status), "UNAVAILABLE")
+        print(f"error: {code}: {options.url}: {leaf or type(leaf).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The innermost exception of a group (task groups wrap transport errors)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _audit(args: argparse.Namespace) -> int:
     from gateway.audit import verify_file
 
@@ -359,6 +415,7 @@ _HANDLERS = {
     "exec": _exec,
     "task": _task,
     "files": _files,
+    "mcp-stdio": _mcp_stdio,
     "audit": _audit,
     "policy": _policy,
     "config": _config,

@@ -1,10 +1,14 @@
 """Model Context Protocol endpoint: Streamable HTTP at ``/mcp`` on the REST app.
 
-JSON-RPC 2.0 over POST, answered with ``application/json`` (no SSE stream),
-protocol revisions 2025-06-18 and 2025-11-25.  ``initialize`` issues an
-``Mcp-Session-Id`` bound to the authenticated subject; DELETE ends it.
+JSON-RPC 2.0 over POST, protocol revisions 2025-06-18 and 2025-11-25.  A
+POST is answered with ``application/json``, or with a ``text/event-stream``
+carrying progress notifications and then the response when the client prefers
+it (:func:`wants_sse`); there is no GET stream.  ``initialize`` issues an
+``Mcp-Session-Id`` bound to the authenticated subject; DELETE ends it;
+``notifications/cancelled`` stops a request of the session still in flight.
 Authentication is the REST bearer middleware; every tool goes through
-:class:`~gateway.service.Gateway`, so policy, audit and sandbox apply unchanged.
+:class:`~gateway.service.Gateway`, so policy, audit and sandbox apply unchanged,
+and ``tools/list`` shows only the tools the policy lets the subject call.
 """
 
 from __future__ import annotations
@@ -14,26 +18,26 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Annotated, Any
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import ValidationError
 
 from gateway import __version__
 from gateway.errors import InvalidArgument, McpError
-from gateway.models import Subject, TaskState
+from gateway.mcp_commands import COMMAND_TOOLS
+from gateway.mcp_files import FILE_TOOLS
+from gateway.mcp_tool import Progress, Result, Tool, ToolCall, tool_error
+from gateway.models import Subject
 from gateway.rest import GATEWAY, SUBJECT
-from gateway.schema import parse_execute, pydantic_error
-from gateway.service import Gateway, RequestContext
-from gateway.store import TaskRecord
+from gateway.schema import pydantic_error
+from gateway.service import RequestContext
 from gateway.tracing import extract_meta
-from gateway.workspace import ROOT, normalize_path
 
 log = structlog.get_logger("gateway.mcp")
 
@@ -42,14 +46,16 @@ SUPPORTED_VERSIONS = ("2025-11-25", "2025-06-18")
 LATEST_VERSION = SUPPORTED_VERSIONS[0]
 SESSION_HEADER = "Mcp-Session-Id"
 VERSION_HEADER = "MCP-Protocol-Version"
-WORKSPACE = "/workspace"
 MAX_SESSIONS = 10_000
-DISCONNECT_POLL_S = 0.25
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+#: Answer to a request the client cancelled (the code LSP uses; MCP sends none,
+#: but an HTTP POST needs an answer).
+REQUEST_CANCELLED = -32800
 
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -59,6 +65,8 @@ class _Session:
     subject: str
     version: str
     created: float
+    #: Requests being answered, by JSON-RPC id: what notifications/cancelled stops.
+    inflight: dict[str | int, asyncio.Future[Any]] = field(default_factory=dict)
 
 
 class McpSessions:
@@ -96,322 +104,29 @@ class _RpcError(Exception):
         self.status = status
 
 
-# -- tool arguments ----------------------------------------------------------------
-
-_STRICT = ConfigDict(extra="forbid", strict=True)
-
-
-class ShellExecuteArgs(BaseModel):
-    model_config = _STRICT
-    command: Annotated[
-        list[StrictStr],
-        Field(min_length=1, description="argv: program name then its arguments (no shell)"),
-    ]
-    directory: Annotated[
-        StrictStr | None, Field(description="working directory relative to /workspace")
-    ] = None
-    stdin: Annotated[StrictStr | None, Field(description="text fed to standard input")] = None
-    timeout: Annotated[float | None, Field(gt=0, description="seconds before the kill")] = None
+def _tools() -> dict[str, Tool]:
+    tools = (*COMMAND_TOOLS, *FILE_TOOLS)
+    return {t.name: t for t in tools}
 
 
-class PathArgs(BaseModel):
-    model_config = _STRICT
-    path: Annotated[StrictStr, Field(description="path relative to /workspace")]
+TOOLS: dict[str, Tool] = _tools()
 
 
-class ReadTextFileArgs(PathArgs):
-    head: Annotated[StrictInt | None, Field(ge=0, description="only the first N lines")] = None
-    tail: Annotated[StrictInt | None, Field(ge=0, description="only the last N lines")] = None
+async def _visible_tools(call: ToolCall) -> list[dict[str, Any]]:
+    """The tools whose every policy action the subject may perform (one probe per action).
+
+    Hiding a tool is a convenience for the agent, not the enforcement: each
+    call is decided on its own arguments anyway.
+    """
+    actions = sorted({a for tool in TOOLS.values() for a in tool.actions})
+    allowed = set()
+    for action in actions:
+        if await call.gateway.may(action, call.subject, call.ctx):
+            allowed.add(action)
+    return [t.describe() for t in TOOLS.values() if allowed.issuperset(t.actions)]
 
 
-class WriteFileArgs(PathArgs):
-    content: StrictStr
-
-
-class NoArgs(BaseModel):
-    model_config = _STRICT
-
-
-def _schema(model: type[BaseModel]) -> dict[str, Any]:
-    schema = model.model_json_schema()
-    schema.pop("title", None)
-    schema.setdefault("properties", {})
-    return schema
-
-
-_EXEC_OUTPUT: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "stdout": {"type": "string"},
-        "stderr": {"type": "string"},
-        "exit_code": {"type": ["integer", "null"]},
-        "duration_s": {"type": ["number", "null"]},
-        "stdout_truncated": {"type": "boolean"},
-        "stderr_truncated": {"type": "boolean"},
-        "state": {"type": "string"},
-    },
-    "required": ["stdout", "stderr", "exit_code", "state"],
-}
-
-_INFO_OUTPUT: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "path": {"type": "string"},
-        "type": {"type": "string", "enum": ["file", "dir", "symlink", "other"]},
-        "size": {"type": "integer"},
-        "mode": {"type": "string"},
-        "mtime": {"type": "number"},
-    },
-    "required": ["path", "type", "size", "mode", "mtime"],
-}
-
-
-def _hints(*, read_only: bool, destructive: bool, idempotent: bool) -> dict[str, bool]:
-    return {
-        "readOnlyHint": read_only,
-        "destructiveHint": destructive,
-        "idempotentHint": idempotent,
-        "openWorldHint": False,
-    }
-
-
-# -- tool implementations -------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Call:
-    request: web.Request
-    gateway: Gateway
-    subject: Subject
-    ctx: RequestContext
-
-
-_Result = dict[str, Any]
-
-
-def _text(text: str, *, error: bool = False, structured: dict[str, Any] | None = None) -> _Result:
-    result: _Result = {"content": [{"type": "text", "text": text}], "isError": error}
-    if structured is not None:
-        result["structuredContent"] = structured
-    return result
-
-
-def _ws_path(path: str) -> str:
-    """Accept ``/workspace/x`` as well as ``x``; return the workspace-relative path."""
-    if path == WORKSPACE:
-        return ""
-    return path.removeprefix(WORKSPACE + "/")
-
-
-async def _wait_watching(call: _Call, record: TaskRecord) -> TaskRecord:
-    """Wait for the task; cancel it if the HTTP client goes away first."""
-    waiter = asyncio.ensure_future(call.gateway.tasks.wait(record.id))
-    try:
-        while True:
-            done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return waiter.result()
-            transport = call.request.transport
-            if transport is None or transport.is_closing():
-                log.info("mcp client went away; cancelling", task_id=record.id)
-                await _cancel_quietly(call, record.id)
-                return await waiter
-    except asyncio.CancelledError:
-        await asyncio.shield(_cancel_quietly(call, record.id))
-        raise
-    finally:
-        if not waiter.done():
-            waiter.cancel()
-
-
-async def _cancel_quietly(call: _Call, task_id: str) -> None:
-    with contextlib.suppress(McpError):
-        await call.gateway.cancel(call.subject, task_id, call.ctx)
-
-
-async def shell_execute(call: _Call, args: ShellExecuteArgs) -> _Result:
-    cwd = WORKSPACE
-    if args.directory is not None:
-        rel = normalize_path(_ws_path(args.directory), field="directory")
-        cwd = WORKSPACE if rel == ROOT else f"{WORKSPACE}/{rel}"
-    body: dict[str, Any] = {
-        "command": args.command[0],
-        "args": args.command[1:],
-        "cwd": cwd,
-        "wait": True,
-    }
-    if args.stdin is not None:
-        body["stdin"] = args.stdin
-    if args.timeout is not None:
-        body["timeout"] = args.timeout
-    config = call.gateway.config
-    try:
-        spec, _ = parse_execute(body, tasks=config.tasks, limits=config.sandbox.limits)
-    except InvalidArgument as exc:
-        with contextlib.suppress(McpError):
-            await call.gateway.reject(call.subject, call.ctx, exc)
-        raise
-    record = await call.gateway.execute(call.subject, spec, call.ctx)
-    record = await _wait_watching(call, record)
-    summary = record.summary()
-    out = record.stdout.decode("utf-8", errors="replace")
-    err = record.stderr.decode("utf-8", errors="replace")
-    structured = {
-        "stdout": out,
-        "stderr": err,
-        "exit_code": record.exit_code,
-        "duration_s": summary["duration_s"],
-        "stdout_truncated": record.stdout_truncated,
-        "stderr_truncated": record.stderr_truncated,
-        "state": str(record.state),
-    }
-    failed = record.state != TaskState.COMPLETED or record.exit_code != 0
-    lines = [f"state: {record.state}, exit code: {record.exit_code}"]
-    if record.reason:
-        lines.append(f"reason: {record.reason}")
-    if out:
-        lines.append(f"stdout:\n{out}")
-    if err:
-        lines.append(f"stderr:\n{err}")
-    return _text("\n".join(lines), error=failed, structured=structured)
-
-
-async def read_text_file(call: _Call, args: ReadTextFileArgs) -> _Result:
-    if args.head is not None and args.tail is not None:
-        raise InvalidArgument("give either head or tail, not both", field="head")
-    path = _ws_path(args.path)
-    data = await call.gateway.read_file(call.subject, path, call.ctx)
-    text = data.decode("utf-8", errors="replace")
-    if args.head is not None:
-        text = "".join(text.splitlines(keepends=True)[: args.head])
-    elif args.tail is not None:
-        text = "".join(text.splitlines(keepends=True)[-args.tail :]) if args.tail else ""
-    return _text(text, structured={"content": text})
-
-
-async def write_file(call: _Call, args: WriteFileArgs) -> _Result:
-    path = _ws_path(args.path)
-    written = await call.gateway.write_file(call.subject, path, args.content.encode(), call.ctx)
-    return _text(f"Successfully wrote {written} bytes to {args.path}")
-
-
-async def list_directory(call: _Call, args: PathArgs) -> _Result:
-    entries = await call.gateway.list_files(call.subject, _ws_path(args.path), call.ctx)
-    lines = [f"[{'DIR' if e.type == 'dir' else 'FILE'}] {e.name}" for e in entries]
-    if entries.truncated:
-        lines.append("(listing truncated)")
-    return _text("\n".join(lines))
-
-
-async def create_directory(call: _Call, args: PathArgs) -> _Result:
-    await call.gateway.make_directory(call.subject, _ws_path(args.path), call.ctx)
-    return _text(f"Successfully created directory {args.path}")
-
-
-async def get_file_info(call: _Call, args: PathArgs) -> _Result:
-    entry = await call.gateway.stat_file(call.subject, _ws_path(args.path), call.ctx)
-    info = {
-        "path": args.path,
-        "type": entry.type,
-        "size": entry.size,
-        "mode": f"{entry.mode:o}",
-        "mtime": entry.mtime,
-    }
-    return _text("\n".join(f"{k}: {v}" for k, v in info.items()), structured=info)
-
-
-async def list_allowed_directories(call: _Call, args: NoArgs) -> _Result:
-    return _text(f"Allowed directories:\n{WORKSPACE}")
-
-
-@dataclass(frozen=True, slots=True)
-class Tool:
-    name: str
-    description: str
-    args: type[BaseModel]
-    run: Callable[[_Call, Any], Awaitable[_Result]]
-    annotations: dict[str, bool]
-    output_schema: dict[str, Any] | None = None
-
-    def describe(self) -> dict[str, Any]:
-        view: dict[str, Any] = {
-            "name": self.name,
-            "description": self.description,
-            "inputSchema": _schema(self.args),
-            "annotations": self.annotations,
-        }
-        if self.output_schema is not None:
-            view["outputSchema"] = self.output_schema
-        return view
-
-
-TOOLS: dict[str, Tool] = {
-    t.name: t
-    for t in (
-        Tool(
-            "shell_execute",
-            "Run a command (argv, no shell) in the caller's sandboxed workspace and wait "
-            "for it; policy decides which programs are allowed.",
-            ShellExecuteArgs,
-            shell_execute,
-            _hints(read_only=False, destructive=True, idempotent=False),
-            _EXEC_OUTPUT,
-        ),
-        Tool(
-            "read_text_file",
-            "Read a UTF-8 text file of the workspace; head/tail limit it to N lines.",
-            ReadTextFileArgs,
-            read_text_file,
-            _hints(read_only=True, destructive=False, idempotent=True),
-            {"type": "object", "properties": {"content": {"type": "string"}}},
-        ),
-        Tool(
-            "write_file",
-            "Create or replace a file of the workspace (atomic); the parent must exist.",
-            WriteFileArgs,
-            write_file,
-            _hints(read_only=False, destructive=True, idempotent=True),
-        ),
-        Tool(
-            "list_directory",
-            "List a workspace directory as lines '[FILE] name' and '[DIR] name'.",
-            PathArgs,
-            list_directory,
-            _hints(read_only=True, destructive=False, idempotent=True),
-        ),
-        Tool(
-            "create_directory",
-            "Create a workspace directory and any missing parents (no error if it exists).",
-            PathArgs,
-            create_directory,
-            _hints(read_only=False, destructive=False, idempotent=True),
-        ),
-        Tool(
-            "get_file_info",
-            "Type, size, permission bits and modification time of a workspace path.",
-            PathArgs,
-            get_file_info,
-            _hints(read_only=True, destructive=False, idempotent=True),
-            _INFO_OUTPUT,
-        ),
-        Tool(
-            "list_allowed_directories",
-            "The directories this server may access (the workspace, /workspace).",
-            NoArgs,
-            list_allowed_directories,
-            _hints(read_only=True, destructive=False, idempotent=True),
-        ),
-    )
-}
-
-
-def _tool_error(exc: McpError) -> _Result:
-    lines = [f"{exc.code}: {exc.message}"]
-    lines += [f"reason: {r}" for r in exc.reasons]
-    return _text("\n".join(lines), error=True)
-
-
-async def _call_tool(call: _Call, params: dict[str, Any]) -> _Result:
+async def _call_tool(call: ToolCall, params: dict[str, Any]) -> Result:
     name = params.get("name")
     tool = TOOLS.get(name) if isinstance(name, str) else None
     if tool is None:
@@ -427,8 +142,13 @@ async def _call_tool(call: _Call, params: dict[str, Any]) -> _Result:
         raise _RpcError(INVALID_PARAMS, f"{name}: {pydantic_error(exc).message}") from None
     try:
         return await tool.run(call, parsed)
+    except InvalidArgument as exc:
+        # Refused before (or instead of) a decision: the refusal is audited too.
+        with contextlib.suppress(McpError):
+            await call.gateway.reject(call.subject, call.ctx, exc)
+        return tool_error(exc)
     except McpError as exc:
-        return _tool_error(exc)
+        return tool_error(exc)
 
 
 # -- transport ------------------------------------------------------------------------
@@ -473,11 +193,11 @@ async def mcp_handler(request: web.Request) -> web.StreamResponse:
     return web.Response(status=405, headers={"Allow": "POST, DELETE"})
 
 
-def _is_id(value: Any) -> bool:
+def _is_id(value: Any) -> TypeGuard[str | int]:
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
-async def _post(request: web.Request) -> web.Response:
+async def _post(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     try:
         message = json.loads(raw)
@@ -520,7 +240,8 @@ async def _post(request: web.Request) -> web.Response:
     session_id = request.headers.get(SESSION_HEADER)
     if session_id is None:
         return _rpc_error(request_id, INVALID_REQUEST, f"missing {SESSION_HEADER}", status=400)
-    if sessions.get(session_id, subject.id) is None:
+    session = sessions.get(session_id, subject.id)
+    if session is None:
         return _rpc_error(request_id, INVALID_REQUEST, "unknown session", status=404)
     header = request.headers.get(VERSION_HEADER)
     if header is not None and header not in SUPPORTED_VERSIONS:
@@ -529,23 +250,32 @@ async def _post(request: web.Request) -> web.Response:
         )
     if method is None or request_id is None:
         # A notification (notifications/initialized, cancelled...) or a response.
+        if method == "notifications/cancelled":
+            _cancel_inflight(session, params)
         return web.Response(status=202)
 
     gateway = request.app[GATEWAY]
-    call = _Call(
+    meta = params.get("_meta")
+    token = meta.get("progressToken") if isinstance(meta, dict) else None
+    if not _is_id(token):
+        token = None
+    stream = _SseReply(request) if wants_sse(request.headers.get("Accept", ""), token) else None
+    call = ToolCall(
         request,
         gateway,
         subject,
         RequestContext(transport="mcp", source=request.remote or ""),
+        progress=stream.progress_sender(token) if stream and token is not None else None,
     )
     # params._meta.traceparent (the MCP convention) continues the agent's
     # trace; without it the span is a child of the HTTP request's span.
     http_span = trace.get_current_span()
-    parent = extract_meta(params.get("_meta"))
+    parent = extract_meta(meta)
     tool = params.get("name") if method == "tools/call" else None
     attributes: dict[str, str] = {"mcp.method.name": method, "mcp.transport": "mcp"}
     if isinstance(tool, str):
         attributes["gen_ai.tool.name"] = tool
+    reply: dict[str, Any]
     with gateway.tracing.span(
         f"{method} {tool}" if isinstance(tool, str) else method,
         kind=SpanKind.SERVER,
@@ -554,21 +284,130 @@ async def _post(request: web.Request) -> web.Response:
     ) as span:
         if parent is not None and http_span.get_span_context().is_valid:
             span.add_link(http_span.get_span_context())
+        if stream is not None:
+            await stream.open()
+        work = asyncio.ensure_future(_dispatch(call, method, params))
+        session.inflight[request_id] = work
         try:
-            result = await _dispatch(call, method, params)
+            result = await work
         except _RpcError as exc:
             span.set_attribute("rpc.jsonrpc.error_code", exc.code)
-            return _rpc_error(request_id, exc.code, exc.message, status=exc.status)
-        if result.get("isError") is True:
-            span.set_attribute("mcp.tool.is_error", True)
-    return web.json_response({"jsonrpc": "2.0", "id": request_id, "result": result})
+            if stream is None:
+                return _rpc_error(request_id, exc.code, exc.message, status=exc.status)
+            reply = _error_body(request_id, exc.code, exc.message)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not work.cancelled() or (current is not None and current.cancelling()):
+                raise
+            # Cancelled by the client's notifications/cancelled: the tool has
+            # stopped its command; the client no longer waits for an answer.
+            span.set_attribute("mcp.cancelled", True)
+            reply = _error_body(request_id, REQUEST_CANCELLED, "request cancelled by the client")
+            if stream is None:
+                return web.json_response(reply)
+        else:
+            if result.get("isError") is True:
+                span.set_attribute("mcp.tool.is_error", True)
+            reply = {"jsonrpc": "2.0", "id": request_id, "result": result}
+        finally:
+            if session.inflight.get(request_id) is work:
+                del session.inflight[request_id]
+            if not work.done():
+                work.cancel()
+    if stream is None:
+        return web.json_response(reply)
+    return await stream.finish(reply)
 
 
-async def _dispatch(call: _Call, method: str, params: dict[str, Any]) -> dict[str, Any]:
+def _error_body(request_id: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+
+def _cancel_inflight(session: _Session, params: dict[str, Any]) -> None:
+    request_id = params.get("requestId")
+    if not _is_id(request_id):
+        return
+    work = session.inflight.get(request_id)
+    if work is not None and not work.done():
+        log.info("mcp request cancelled by the client", request_id=request_id)
+        work.cancel()
+
+
+def _media_q(accept: str, media: str) -> float:
+    """The quality ``accept`` gives ``media`` (RFC 9110, 12.5.1), 0 when not acceptable."""
+    kind = media.split("/", 1)[0]
+    best, specificity = 0.0, -1
+    for item in accept.split(","):
+        name, *options = (part.strip() for part in item.split(";"))
+        name = name.lower()
+        rank = 2 if name == media else 1 if name == f"{kind}/*" else 0 if name == "*/*" else -1
+        if rank < specificity or rank < 0:
+            continue
+        q = 1.0
+        for option in options:
+            key, _, value = option.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0
+        best, specificity = q, rank
+    return best
+
+
+def wants_sse(accept: str, progress_token: Any) -> bool:
+    """Answer with an SSE stream?  When the client prefers ``text/event-stream`` to
+    ``application/json``, or accepts both equally and asked for progress (which
+    only a stream can carry).  Pure."""
+    sse, plain = _media_q(accept, "text/event-stream"), _media_q(accept, "application/json")
+    return sse > plain or (sse > 0 and sse == plain and progress_token is not None)
+
+
+class _SseReply:
+    """One POST answered as ``text/event-stream``: notifications, then the response."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+
+    async def open(self) -> None:
+        await self._response.prepare(self._request)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        data = json.dumps(message, separators=(",", ":"))
+        with contextlib.suppress(ConnectionResetError):
+            await self._response.write(f"event: message\ndata: {data}\n\n".encode())
+
+    def progress_sender(self, token: str | int) -> Progress:
+        async def progress(value: float, total: float | None, message: str) -> None:
+            params: dict[str, Any] = {"progressToken": token, "progress": value}
+            if total is not None:
+                params["total"] = total
+            if message:
+                params["message"] = message
+            await self.send(
+                {"jsonrpc": "2.0", "method": "notifications/progress", "params": params}
+            )
+
+        return progress
+
+    async def finish(self, reply: dict[str, Any]) -> web.StreamResponse:
+        await self.send(reply)
+        with contextlib.suppress(ConnectionResetError):
+            await self._response.write_eof()
+        return self._response
+
+
+async def _dispatch(call: ToolCall, method: str, params: dict[str, Any]) -> dict[str, Any]:
     if method == "ping":
         return {}
     if method == "tools/list":
-        return {"tools": [t.describe() for t in TOOLS.values()]}
+        try:
+            return {"tools": await _visible_tools(call)}
+        except McpError as exc:
+            raise _RpcError(INTERNAL_ERROR, f"{exc.code}: {exc.message}") from exc
     if method == "tools/call":
         return await _call_tool(call, params)
     raise _RpcError(METHOD_NOT_FOUND, f"method not found: {method}")

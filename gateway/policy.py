@@ -120,6 +120,7 @@ def build_policy_input(
     file_path: str | None = None,
     file_mode: int | None = None,
     recursive: bool | None = None,
+    probe: bool | None = None,
     task_id: str | None = None,
     task_owner: str | None = None,
 ) -> dict[str, object]:
@@ -150,6 +151,8 @@ def build_policy_input(
             file["mode"] = file_mode
         if recursive is not None:
             file["recursive"] = recursive
+        if probe is not None:
+            file["probe"] = probe
         doc["file"] = file
     if action.startswith("task."):
         task: dict[str, object] = {}

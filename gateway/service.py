@@ -9,6 +9,7 @@ runs or any file is touched.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import math
 import os
@@ -25,7 +26,15 @@ from gateway.config import Config, LimitsConfig
 from gateway.errors import McpError, NotFound, PermissionDenied, Unavailable
 from gateway.ha import TaskIds
 from gateway.metrics import Metrics
-from gateway.models import CommandSpec, Decision, Limits, SandboxRequest, Subject, Transport
+from gateway.models import (
+    CommandSpec,
+    Decision,
+    Limits,
+    SandboxRequest,
+    Stream,
+    Subject,
+    Transport,
+)
 from gateway.policy import PolicyEngine, build_policy_input
 from gateway.reload import PolicyReloader
 from gateway.sandbox import Sandbox
@@ -41,6 +50,28 @@ log = structlog.get_logger("gateway.service")
 # checked almost every time; the sandbox self-test spawns two sandboxes.
 READY_CACHE_S = {"sandbox": 5.0, "policy": 0.25, "disk": 1.0}
 MIN_FREE_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass(slots=True)
+class Walk:
+    """The tree below a workspace directory (see :meth:`Gateway.walk`).
+
+    ``entries`` pairs each workspace-relative path with its entry, parents
+    before children, siblings by name; ``denied`` lists the directories the
+    policy refused to list (their contents are absent); ``truncated`` is true
+    when the walk stopped at the entry cap.
+    """
+
+    entries: list[tuple[str, FileEntry]] = dataclasses.field(default_factory=list)
+    denied: list[str] = dataclasses.field(default_factory=list)
+    truncated: bool = False
+
+
+_PROBE_COMMAND = CommandSpec(name="true", args=(), cwd="/workspace")
+
+
+def _join(parent: str, name: str) -> str:
+    return name if parent in ("", ".") else f"{parent}/{name}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -122,9 +153,20 @@ class Gateway:
     # -- decisions -------------------------------------------------------------
 
     async def decide(
-        self, action: str, subject: Subject, ctx: RequestContext, **details: Any
+        self,
+        action: str,
+        subject: Subject,
+        ctx: RequestContext,
+        *,
+        visibility: bool = False,
+        **details: Any,
     ) -> Decision:
-        """Decide and audit; raise PermissionDenied on deny, Unavailable if unaudited."""
+        """Decide and audit; raise PermissionDenied on deny, Unavailable if unaudited.
+
+        ``visibility`` marks a question asked only to show the subject what it
+        may do (:meth:`may`): audited with ``"visibility": true`` and left out
+        of the allow/deny counter, so listing tools cannot look like probing.
+        """
         doc = build_policy_input(
             action,
             subject,
@@ -147,21 +189,43 @@ class Gateway:
             self.metrics.policy_decision_seconds.labels(engine=self.policy.name).observe(
                 time.perf_counter() - started
             )
-            self.metrics.policy_decisions.labels(
-                action=action, result="allow" if decision.allow else "deny"
-            ).inc()
+            if not visibility:
+                self.metrics.policy_decisions.labels(
+                    action=action, result="allow" if decision.allow else "deny"
+                ).inc()
             span.set_attribute("mcp.policy.allow", decision.allow)
             if decision.decision_id:
                 span.set_attribute("mcp.policy.decision_id", decision.decision_id)
             if decision.revision:
                 span.set_attribute("mcp.policy.revision", decision.revision)
-            await self._audit_decision(action, subject, ctx, doc, decision)
+            await self._audit_decision(action, subject, ctx, doc, decision, visibility)
         if not decision.allow:
             raise PermissionDenied(
                 "denied by policy: " + "; ".join(decision.deny_reasons or ("no reason given",)),
                 reasons=list(decision.deny_reasons),
             )
         return decision
+
+    async def may(self, action: str, subject: Subject, ctx: RequestContext) -> bool:
+        """Whether the policy lets ``subject`` perform ``action`` at all (decided, audited).
+
+        A representative request stands for the action: a file operation is a
+        probe (``file.probe``: granted on any path), a task operation is on
+        the subject's own tasks (task ``*``), a command is ``true`` in the
+        workspace.  Nothing is done; used to show only callable MCP tools.
+        """
+        details: dict[str, Any] = {}
+        if action.startswith("file."):
+            details = {"file_path": "", "probe": True}
+        elif action.startswith("task."):
+            details = {"task_id": "*", "task_owner": subject.id}
+        elif action == "command.execute":
+            details = {"command": _PROBE_COMMAND}
+        try:
+            await self.decide(action, subject, ctx, visibility=True, **details)
+        except PermissionDenied:
+            return False
+        return True
 
     async def _audit_decision(
         self,
@@ -170,8 +234,9 @@ class Gateway:
         ctx: RequestContext,
         doc: Mapping[str, Any],
         decision: Decision,
+        visibility: bool = False,
     ) -> None:
-        record = {
+        record: dict[str, Any] = {
             "action": action,
             "subject": subject.id,
             "roles": list(subject.roles),
@@ -187,6 +252,8 @@ class Gateway:
             "policy_revision": decision.revision,
             "input": {k: v for k, v in doc.items() if k in ("command", "file", "task", "sandbox")},
         }
+        if visibility:
+            record["visibility"] = True
         await self._audit_or_unavailable("policy.decision", record)
 
     async def _audit_or_unavailable(self, event: str, fields: Mapping[str, Any]) -> None:
@@ -286,6 +353,29 @@ class Gateway:
             span.set_attribute("mcp.output.bytes", sent)
             span.end()
 
+    async def read_output(
+        self,
+        subject: Subject,
+        task_id: str,
+        ctx: RequestContext,
+        *,
+        stream: Stream = "stdout",
+        offset: int = 0,
+        length: int,
+    ) -> tuple[TaskRecord, bytes, int]:
+        """Authorize, then ``length`` bytes of one stream from ``offset`` and its size so far."""
+        record = await self.task(subject, task_id, ctx)
+        data = self.tasks.output(task_id, stream)
+        return record, data[offset : offset + length], len(data)
+
+    async def list_tasks(
+        self, subject: Subject, ctx: RequestContext, limit: int
+    ) -> list[TaskRecord]:
+        """The subject's own newest tasks: one ``task.read`` decision for task id ``*``
+        owned by the subject (the policy's "own tasks" grant)."""
+        await self.decide("task.read", subject, ctx, task_id="*", task_owner=subject.id)
+        return self.tasks.owned(subject.id, limit)
+
     async def cancel(self, subject: Subject, task_id: str, ctx: RequestContext) -> TaskRecord:
         record = self._record(task_id)
         await self.decide("task.cancel", subject, ctx, task_id=task_id, task_owner=record.owner)
@@ -314,6 +404,70 @@ class Gateway:
     async def list_files(self, subject: Subject, path: str, ctx: RequestContext) -> Listing:
         await self.decide("file.list", subject, ctx, file_path=path)
         return await asyncio.to_thread(self.workspaces.list, subject.id, path)
+
+    async def walk(
+        self,
+        subject: Subject,
+        path: str,
+        ctx: RequestContext,
+        *,
+        skip: Callable[[str], bool] = lambda _: False,
+    ) -> Walk:
+        """Walk the tree below directory ``path``, one ``file.list`` decision per directory.
+
+        A deny for ``path`` itself raises; a deny for a directory below it is
+        recorded in :attr:`Walk.denied` and the walk goes on without it.
+        ``skip(rel)`` drops an entry (and, for a directory, everything below
+        it) before any decision.  Symlinks are reported, never followed.  At
+        most ``files.max_list_entries`` entries in all.
+        """
+        cap = self.config.files.max_list_entries
+        walk = Walk()
+        pending = collections.deque([path])
+        first = True
+        while pending:
+            current = pending.popleft()
+            try:
+                listing = await self.list_files(subject, current, ctx)
+            except PermissionDenied:
+                if first:
+                    raise
+                walk.denied.append(current)
+                continue
+            first = False
+            walk.truncated |= listing.truncated
+            for entry in listing:
+                rel = _join(current, entry.name)
+                if skip(rel):
+                    continue
+                if len(walk.entries) >= cap:
+                    walk.truncated = True
+                    pending.clear()
+                    break
+                walk.entries.append((rel, entry))
+                if entry.type == "dir":
+                    pending.append(rel)
+        # Component-wise order puts every directory right before its contents.
+        walk.entries.sort(key=lambda item: item[0].split("/"))
+        return walk
+
+    async def move_file(
+        self, subject: Subject, source: str, destination: str, ctx: RequestContext
+    ) -> None:
+        """Rename within the workspace: a ``file.delete`` of the source and a
+        ``file.write`` of the destination must both be allowed."""
+        await self.decide("file.delete", subject, ctx, file_path=source)
+        await self.decide("file.write", subject, ctx, file_path=destination)
+        await asyncio.to_thread(self.workspaces.move, subject.id, source, destination)
+        await self._audit_or_unavailable(
+            "file.moved",
+            {
+                "subject": subject.id,
+                "request_id": ctx.request_id,
+                "path": source,
+                "destination": destination,
+            },
+        )
 
     async def write_file(
         self,

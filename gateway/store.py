@@ -77,6 +77,7 @@ class TaskStore(Protocol):
     def put(self, record: TaskRecord) -> None: ...
     def get(self, task_id: str) -> TaskRecord | None: ...
     def fail_orphans(self, reason: str, now: float) -> list[TaskRecord]: ...
+    def owned(self, owner: str, limit: int) -> list[TaskRecord]: ...
     def expire(self, now: float) -> int: ...
     def close(self) -> None: ...
 
@@ -95,6 +96,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 CREATE INDEX IF NOT EXISTS tasks_expires ON tasks(expires_at);
+CREATE INDEX IF NOT EXISTS tasks_owner ON tasks(owner);
 """
 
 _TERMINAL = tuple(str(s) for s in TaskState if s.terminal)
@@ -164,6 +166,15 @@ class SqliteTaskStore:
             self.put(record)
             orphans.append(record)
         return orphans
+
+    def owned(self, owner: str, limit: int) -> list[TaskRecord]:
+        """The newest ``limit`` tasks of ``owner``, newest first, without their output."""
+        rows = self._db.execute(
+            "SELECT state, doc, x'', x'' FROM tasks WHERE owner = ?"
+            " ORDER BY json_extract(doc, '$.created_at') DESC LIMIT ?",
+            (owner, limit),
+        ).fetchall()
+        return [_record(row) for row in rows]
 
     def expire(self, now: float) -> int:
         cur = self._db.execute(

@@ -301,6 +301,19 @@ class TaskManager:
             return live.record
         return self.get(task_id)
 
+    def output(self, task_id: str, stream: Stream) -> bytes:
+        """One stream's output so far (all of it once the task has ended)."""
+        live = self._live.get(task_id)
+        if live is None:
+            record = self.get(task_id)
+            return record.stdout if stream == "stdout" else record.stderr
+        return b"".join(c.data for c in live.chunks if c.stream == stream)
+
+    def owned(self, owner: str, limit: int) -> list[TaskRecord]:
+        """The newest ``limit`` tasks of ``owner`` (live state for live tasks), no output."""
+        records = self._store.owned(owner, limit)
+        return [self._live[r.id].record if r.id in self._live else r for r in records]
+
     async def stream(self, task_id: str) -> AsyncIterator[OutputChunk]:
         """Yield the task's output from the start, live, until it ends."""
         live = self._live.get(task_id)

@@ -61,7 +61,7 @@ import secrets
 import stat as stat_mod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Any, Literal, NoReturn
 
 from gateway.errors import (
     FailedPrecondition,
@@ -141,6 +141,47 @@ _syscall_openat2 = ctypes.CFUNCTYPE(
 )(("syscall", ctypes.CDLL(None, use_errno=True)))
 
 
+# renameat2(2) with RENAME_NOREPLACE (glibc 2.28+): the rename fails with
+# EEXIST instead of replacing, with no check-then-rename window.
+_RENAME_NOREPLACE = 1
+_renameat2: Any
+try:
+    _renameat2 = ctypes.CFUNCTYPE(
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+        use_errno=True,
+    )(("renameat2", ctypes.CDLL(None, use_errno=True)))
+except AttributeError:  # an older C library: checked rename below
+    _renameat2 = None
+
+
+def _rename_noreplace(src_dfd: int, src: str, dst_dfd: int, dst: str) -> None:
+    """Rename ``src`` to ``dst`` (single names in their directories), never replacing."""
+    if _renameat2 is not None:
+        if _renameat2(src_dfd, os.fsencode(src), dst_dfd, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        # EINVAL: this filesystem does not support the flag (renameat2(2)).
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err))
+    # No renameat2 (or a filesystem without RENAME_NOREPLACE): check, then rename.
+    if _exists(dst_dfd, dst):
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+    os.rename(src, dst, src_dir_fd=src_dfd, dst_dir_fd=dst_dfd)
+
+
+def _exists(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------
 # Plain data
 # --------------------------------------------------------------------------
@@ -150,9 +191,10 @@ _syscall_openat2 = ctypes.CFUNCTYPE(
 class FileEntry:
     """One directory entry, as ``lstat`` sees it (symlinks are not followed).
 
-    ``mode`` holds the permission bits only (``S_IMODE``); ``mtime`` is seconds
-    since the epoch.  ``name`` is the entry's name; names that are not valid
-    UTF-8 on disk carry surrogate escapes (PEP 383).
+    ``mode`` holds the permission bits only (``S_IMODE``); ``mtime``, ``atime``
+    and ``ctime`` (inode change, not birth) are seconds since the epoch.
+    ``name`` is the entry's name; names that are not valid UTF-8 on disk carry
+    surrogate escapes (PEP 383).
     """
 
     name: str
@@ -160,6 +202,8 @@ class FileEntry:
     size: int
     mode: int
     mtime: float
+    atime: float = 0.0
+    ctime: float = 0.0
 
 
 class Listing(list[FileEntry]):
@@ -288,6 +332,8 @@ def _entry(name: str, st: os.stat_result) -> FileEntry:
         size=st.st_size,
         mode=stat_mod.S_IMODE(st.st_mode),
         mtime=st.st_mtime,
+        atime=st.st_atime,
+        ctime=st.st_ctime,
     )
 
 
@@ -755,6 +801,45 @@ class Workspaces:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+
+    def move(self, subject_id: str, source: str, destination: str) -> None:
+        """Rename ``source`` to ``destination`` (files, directories, symlinks as links).
+
+        Fails with FailedPrecondition when ``destination`` exists (never
+        replaces) or when a directory would move beneath itself; the
+        workspace root can be neither end (InvalidArgument).  Both parents are
+        opened beneath the workspace without following symlinks; the rename
+        acts on the last names and does not follow them either.
+        """
+        src = normalize_path(source, field="source")
+        dst = normalize_path(destination, field="destination")
+        for rel, field in ((src, "source"), (dst, "destination")):
+            if rel == ROOT:
+                raise InvalidArgument("the workspace root cannot be moved or replaced", field=field)
+        if dst == src or dst.startswith(src + "/"):
+            raise FailedPrecondition(f"cannot move {src!r} into itself ({dst!r})")
+        (src_parent, src_name), (dst_parent, dst_name) = _split(src), _split(dst)
+        with self._workspace(subject_id) as ws:
+            with _translated(src):
+                sfd = self._open(ws, src_parent, _DIR_FLAGS)
+            try:
+                with _translated(dst):
+                    dfd = self._open(ws, dst_parent, _DIR_FLAGS)
+                try:
+                    try:
+                        _rename_noreplace(sfd, src_name, dfd, dst_name)
+                    except OSError as exc:
+                        if exc.errno == errno.EEXIST:
+                            raise FailedPrecondition(f"{dst!r} already exists") from exc
+                        if exc.errno == errno.EINVAL:
+                            raise FailedPrecondition(f"cannot move {src!r} to {dst!r}") from exc
+                        raise _error_for(exc, src) from exc
+                    os.fsync(dfd)
+                    os.fsync(sfd)
+                finally:
+                    os.close(dfd)
+            finally:
+                os.close(sfd)
 
     def list(self, subject_id: str, path: str = "") -> Listing:
         """List a directory (lstat of each entry), capped at ``max_list_entries``.

@@ -121,3 +121,16 @@ test_not_granted_without_reason_still_explains if {
 	not d.allow
 	d.deny_reasons == ["no policy rule grants this request"]
 }
+
+_probe(roles, action) := object.union(_base, {
+	"action": action,
+	"subject": {"id": "alice", "roles": roles, "auth": "token"},
+	"file": {"path": "", "probe": true},
+})
+
+test_file_probe_decision if {
+	mcp.decision.allow with input as _probe(["agent"], "file.write")
+	d := mcp.decision with input as _probe(["readonly"], "file.write")
+	not d.allow
+	d.deny_reasons == ["file write of '' is not allowed for roles [readonly]"]
+}

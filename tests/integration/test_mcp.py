@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+from gateway.app import build_app
+from gateway.config import hash_token
 from gateway.models import TaskState
 from gateway.rest import GATEWAY
+from tests.conftest import POLICIES, make_config
 from tests.integration.conftest import Api
 
 pytestmark = pytest.mark.integration
@@ -303,3 +311,182 @@ async def test_client_disconnect_cancels_the_command(api: Api) -> None:
     assert record.ended_at is not None
     assert record.started_at is not None
     assert record.ended_at - record.started_at < 15
+
+
+# -- the tool list follows the policy ---------------------------------------------------
+
+WRITE_TOOLS = {"write_file", "edit_file", "create_directory", "move_file"}
+COMMAND_TOOLS = {"shell_execute", "job_start", "job_output", "job_terminate", "job_list"}
+
+
+async def _tool_names(api: Api, token: str) -> set[str]:
+    async with (
+        create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http,
+        streamable_http_client(api.url("/mcp"), http_client=http) as (read, write, _),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        return {t.name for t in (await session.list_tools()).tools}
+
+
+async def test_tool_list_follows_the_policy(api: Api) -> None:
+    """readonly sees no writing tool; agent (writes under src/, deletes under out/) sees them."""
+    everything = await _tool_names(api, "admin-token")
+    assert everything >= WRITE_TOOLS | COMMAND_TOOLS | {"read_text_file", "directory_tree"}
+    reader = await _tool_names(api, "reader-token")
+    assert not reader & WRITE_TOOLS
+    assert reader == everything - WRITE_TOOLS
+    assert await _tool_names(api, "agent-token") == everything
+    probes = [
+        e
+        for e in (json.loads(line) for line in (api.state / "audit.log").read_text().splitlines())
+        if e["event"] == "policy.decision"
+        and e["subject"] == "reader"
+        and e["input"].get("file", {}).get("probe")
+    ]
+    assert {(e["action"], e["allow"]) for e in probes} == {
+        ("file.read", True),
+        ("file.list", True),
+        ("file.write", False),
+        ("file.delete", False),
+    }
+    assert all(e["visibility"] is True for e in probes)
+    # Listing tools is not a denial spike: visibility questions are not counted.
+    counter = api.server.app[GATEWAY].metrics.policy_decisions
+    assert counter.labels(action="file.write", result="deny")._value.get() == 0
+
+
+async def test_tool_list_of_a_role_without_commands(state_dir: Path, tmp_path: Path) -> None:
+    """A role granted no program and no tasks does not see the command and job tools."""
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    data = json.loads((policies / "data.json").read_text())
+    data["gateway"]["roles"]["viewer"] = {
+        **data["gateway"]["roles"]["readonly"],
+        "commands": [],
+        "tasks": {},
+    }
+    (policies / "data.json").write_text(json.dumps(data))
+    config = make_config(
+        state_dir,
+        policy={"dir": str(policies)},
+        auth={"tokens": [{"subject": "carol", "roles": ["viewer"], "sha256": hash_token("c")}]},
+    )
+    server = TestServer(build_app(config), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            names = await _tool_names(Api(server, http, state_dir), "c")
+            async with (
+                create_mcp_http_client(headers={"Authorization": "Bearer c"}) as client,
+                streamable_http_client(str(server.make_url("/mcp")), http_client=client) as (
+                    read,
+                    write,
+                    _,
+                ),
+                ClientSession(read, write) as session,
+            ):
+                await session.initialize()
+                # Hidden is not the enforcement: a direct call is still decided.
+                result = await session.call_tool("shell_execute", {"command": ["true"]})
+                assert result.isError is True
+                assert "PERMISSION_DENIED" in _text(result)
+    finally:
+        await server.close()
+    assert not names & (COMMAND_TOOLS | WRITE_TOOLS)
+    assert {"read_text_file", "list_directory", "search_files"} <= names
+
+
+# -- streaming answers, progress, cancellation -----------------------------------------
+
+
+async def test_progress_notifications_for_a_long_command(api: Api) -> None:
+    """With a progressToken the SDK client gets an SSE answer carrying progress."""
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with connect(api) as client:
+        await client.call_tool(
+            "write_file", {"path": "slow.sh", "content": "echo a\nsleep 2.5\necho b\n"}
+        )
+        result = await client.call_tool(
+            "shell_execute",
+            {"command": ["sh", "slow.sh"], "timeout": 20},
+            progress_callback=on_progress,
+        )
+    assert result.structuredContent is not None
+    assert result.structuredContent["stdout"] == "a\nb\n"
+    assert len(seen) >= 2
+    values = [p for p, _, _ in seen]
+    assert values == sorted(values)
+    assert len(set(values)) == len(values)
+    assert {t for _, t, _ in seen} == {20.0}
+    assert any(m is not None and m.startswith("RUNNING, ") for _, _, m in seen)
+
+
+async def test_sse_answer_when_preferred(api: Api) -> None:
+    headers = await _session(api)
+    ping = {"jsonrpc": "2.0", "id": 5, "method": "ping"}
+    sse_only = {**headers, "Accept": "text/event-stream"}
+    async with api.session.post(api.url("/mcp"), headers=sse_only, json=ping) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/event-stream"
+        body = (await resp.read()).decode()
+    assert body == 'event: message\ndata: {"jsonrpc":"2.0","id":5,"result":{}}\n\n'
+    both = {**headers, "Accept": "application/json, text/event-stream"}
+    status, answer = await _post(api, both, json=ping)
+    assert (status, answer) == (200, {"jsonrpc": "2.0", "id": 5, "result": {}})
+    json_first = {**headers, "Accept": "text/event-stream;q=0.5, application/json"}
+    traced = {**ping, "params": {"_meta": {"progressToken": "p"}}}
+    status, answer = await _post(api, json_first, json=traced)
+    assert status == 200
+    assert answer["id"] == 5
+
+
+@pytest.mark.parametrize("accept", ["application/json", "text/event-stream"])
+async def test_cancelled_notification_kills_the_command(api: Api, accept: str) -> None:
+    """notifications/cancelled stops the request and kills its sandboxed process tree."""
+    headers = {**await _session(api), "Accept": accept}
+    tasks = api.server.app[GATEWAY].tasks
+    call = {
+        "jsonrpc": "2.0",
+        "id": "long-1",
+        "method": "tools/call",
+        "params": {"name": "shell_execute", "arguments": {"command": ["sleep", "30"]}},
+    }
+    post = asyncio.create_task(_post(api, headers, json=call))
+    for _ in range(100):
+        if tasks._live:
+            break
+        await asyncio.sleep(0.05)
+    (task_id,) = tasks._live
+    cancel = {
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": {"requestId": "long-1", "reason": "user pressed stop"},
+    }
+    assert await _post(api, headers, json=cancel) == (202, b"")
+    status, body = await asyncio.wait_for(post, 15)
+    assert status == 200
+    if accept == "text/event-stream":
+        body = json.loads(body.decode().split("data: ", 1)[1])
+    assert body["error"]["code"] == -32800
+    record = tasks.get(task_id)
+    assert record.state == TaskState.CANCELLED
+    assert record.reason == "cancelled by alice"
+    assert record.ended_at is not None
+    assert record.started_at is not None
+    assert record.ended_at - record.started_at < 15
+    events = [json.loads(line) for line in (api.state / "audit.log").read_text().splitlines()]
+    assert [e["event"] for e in events if e.get("task_id") == task_id][-1] == "task.cancelled"
+
+
+async def test_cancelling_an_unknown_request_is_harmless(api: Api) -> None:
+    headers = await _session(api)
+    for params in ({"requestId": 99}, {"requestId": None}, {}):
+        note = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params}
+        assert await _post(api, headers, json=note) == (202, b"")
+    status, _ = await _post(api, headers, json={"jsonrpc": "2.0", "id": 2, "method": "ping"})
+    assert status == 200

@@ -581,3 +581,41 @@ def test_fuzzed_paths_stay_inside(fuzz_dir: Path, fuzz_resolver: Resolver) -> No
         assert (root / "bob" / "secret").read_bytes() == SECRET
 
     run()
+
+
+def test_move_renames_and_never_replaces(ws: Workspaces, home: Path) -> None:
+    """move renames files and directories, refuses an existing destination and the root."""
+    (home / "a").write_bytes(b"A")
+    (home / "b").write_bytes(b"B")
+    (home / "d").mkdir()
+    ws.move("alice", "a", "d/a2")
+    assert (home / "d" / "a2").read_bytes() == b"A"
+    assert not (home / "a").exists()
+    with pytest.raises(FailedPrecondition, match="already exists"):
+        ws.move("alice", "b", "d/a2")
+    assert (home / "d" / "a2").read_bytes() == b"A"
+    ws.move("alice", "d", "e")
+    assert (home / "e" / "a2").is_file()
+    with pytest.raises(FailedPrecondition, match="into itself"):
+        ws.move("alice", "e", "e/f")
+    with pytest.raises(InvalidArgument) as info:
+        ws.move("alice", ".", "x")
+    assert info.value.field == "source"
+    with pytest.raises(InvalidArgument) as info:
+        ws.move("alice", "b", "../x")
+    assert info.value.field == "destination"
+    with pytest.raises(NotFound):
+        ws.move("alice", "missing", "x")
+
+
+def test_move_never_goes_through_symlinks(ws: Workspaces, home: Path, outside: Path) -> None:
+    """A symlinked parent is refused at either end; a symlink itself moves as a link."""
+    (home / "f").write_bytes(b"F")
+    (home / "out").symlink_to(outside)
+    with pytest.raises(PermissionDenied):
+        ws.move("alice", "f", "out/stolen")
+    with pytest.raises(PermissionDenied):
+        ws.move("alice", "out/secret", "mine")
+    ws.move("alice", "out", "out2")
+    assert (home / "out2").is_symlink()
+    assert sorted(p.name for p in outside.iterdir()) == ["secret", "sub"]

@@ -78,6 +78,11 @@ def test_command_input_matches_the_contract() -> None:
             {"file": {"path": "out", "recursive": True}},
         ),
         (
+            "file.write",
+            {"file_path": "", "probe": True},
+            {"file": {"path": "", "probe": True}},
+        ),
+        (
             "task.read",
             {"task_id": "t1", "task_owner": "bob"},
             {"task": {"id": "t1", "owner": "bob"}},

@@ -44,6 +44,20 @@ allow if {
 	roles.under(path, prefix)
 }
 
+allow if {
+	probe
+	count(granted_prefixes) > 0
+}
+
+# METADATA
+# title: Probe
+# description: |
+#   The input asks whether the subject may perform the operation anywhere in
+#   its workspace (input.file.probe is true): allowed when one of its roles
+#   grants the operation on any prefix. The gateway asks this to show a
+#   subject only the MCP tools it may call; no file is touched on a probe.
+probe if input.file.probe == true
+
 # METADATA
 # title: Protected locations
 # description: |
@@ -100,6 +114,7 @@ deny contains msg if {
 deny contains "deleting the workspace root is not allowed" if {
 	operation == "delete"
 	path == ""
+	not probe
 }
 
 deny contains msg if {

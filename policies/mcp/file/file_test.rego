@@ -106,3 +106,21 @@ test_recursive_flag_must_be_boolean if {
 	"file recursive flag must be a boolean" in file.deny with input as _input(["developer"], "file.delete", {"path": "a", "recursive": "yes"})
 	count(file.deny) == 0 with input as _input(["developer"], "file.delete", {"path": "a", "recursive": true})
 }
+
+test_probe_allows_an_operation_granted_anywhere if {
+	probe := {"path": "", "probe": true}
+	every c in [
+		["agent", "file.write", true], ["agent", "file.delete", true], ["readonly", "file.write", false],
+		["readonly", "file.delete", false], ["readonly", "file.list", true], ["developer", "file.delete", true],
+	] {
+		allowed := file.allow with input as _input([c[0]], c[1], probe)
+		allowed == c[2]
+		denied := count(file.deny) > 0 with input as _input([c[0]], c[1], probe)
+		denied != c[2]
+	}
+}
+
+test_probe_is_only_true if {
+	not file.allow with input as _input(["agent"], "file.write", {"path": "", "probe": "yes"})
+	"deleting the workspace root is not allowed" in file.deny with input as _input(["developer"], "file.delete", {"path": ""})
+}
