@@ -26,7 +26,7 @@ from gateway.metrics import Metrics
 from gateway.opa import OpaEngine
 from gateway.policy import EmbeddedEngine, PolicyEngine
 from gateway.reload import PolicyReloader, Reloadable
-from gateway.rest import AUTH, GATEWAY, PUBLIC, add_routes, error_middleware
+from gateway.rest import AUTH, GATEWAY, PUBLIC, add_metadata_routes, add_routes, error_middleware
 from gateway.sandbox import BwrapSandbox, Sandbox, kill_orphans
 from gateway.service import Gateway
 from gateway.store import SqliteTaskStore
@@ -191,7 +191,10 @@ def build_app(config: Config, parts: Components | None = None) -> web.Applicatio
         middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
     )
     app[AUTH] = TokenAuthenticator.from_config(config)
-    app[PUBLIC] = frozenset(config.server.public_paths)
+    public = set(config.server.public_paths)
+    if config.auth.oauth is not None:
+        public.update(add_metadata_routes(app, config.auth.oauth))
+    app[PUBLIC] = frozenset(public)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with open_gateway(config, parts) as gateway:

@@ -7,6 +7,12 @@ layer verified against ``tls.client_ca_file`` is mapped by
 :func:`subject_for_certificate` through ``tls.mtls_subjects``; a verified
 certificate that maps to no subject is refused.  Neither: refused.
 
+With ``auth.oauth`` configured, a bearer value that is no configured token
+and has the shape of a JWT is verified as an access token of that
+authorization server (:mod:`gateway.oauth`); static tokens keep working
+alongside.  A refused token raises :class:`~gateway.errors.InvalidToken`
+naming the reason; a missing one plain :class:`~gateway.errors.Unauthenticated`.
+
 Tokens are configured only as SHA-256 hashes, so neither the config file nor
 a memory dump of the table reveals one, and the token text is never logged
 (the audit log redacts ``authorization`` fields as a second line of defence).
@@ -23,8 +29,9 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from gateway.config import Config, MtlsSubjectConfig, TokenConfig, hash_token
-from gateway.errors import Unauthenticated
+from gateway.errors import InvalidToken, Unauthenticated
 from gateway.models import Subject
+from gateway.oauth import AccessTokenVerifier, challenge, looks_like_jwt, metadata_url
 
 ClientAuth = Literal["off", "optional", "required"]
 
@@ -93,12 +100,19 @@ class TokenAuthenticator:
         tokens: Iterable[TokenConfig],
         mtls_subjects: Iterable[MtlsSubjectConfig] = (),
         client_auth: ClientAuth = "off",
+        oauth: AccessTokenVerifier | None = None,
     ) -> None:
         self._by_hash = {
             t.sha256: Subject(id=t.subject, roles=tuple(t.roles), auth="token") for t in tokens
         }
         self._mtls = tuple(mtls_subjects)
         self.client_auth: ClientAuth = client_auth
+        self.oauth = oauth
+        self.resource_metadata: str | None = None
+        if oauth is not None:
+            self.resource_metadata = oauth.settings.resource_metadata_url or metadata_url(
+                oauth.settings.audience
+            )
 
     @classmethod
     def from_config(cls, config: Config) -> TokenAuthenticator:
@@ -106,7 +120,14 @@ class TokenAuthenticator:
         client_auth: ClientAuth = (
             tls.client_auth if tls.enabled and tls.client_ca_file is not None else "off"
         )
-        return cls(config.auth.tokens, tls.mtls_subjects, client_auth)
+        oauth = AccessTokenVerifier(config.auth.oauth) if config.auth.oauth is not None else None
+        return cls(config.auth.tokens, tls.mtls_subjects, client_auth, oauth)
+
+    def challenge(self, error: Unauthenticated) -> str:
+        """The ``WWW-Authenticate`` value answering ``error`` (RFC 6750, RFC 9728)."""
+        if isinstance(error, InvalidToken):
+            return challenge(self.resource_metadata, "invalid_token", error.message)
+        return challenge(self.resource_metadata)
 
     def authenticate(self, authorization: str | None, peer: PeerIdentity | None = None) -> Subject:
         """Return the subject for an ``Authorization`` value or a verified peer, or raise."""
@@ -117,11 +138,13 @@ class TokenAuthenticator:
         scheme, _, token = authorization.strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
+            raise InvalidToken("the Authorization header must be 'Bearer <token>'")
         digest = hash_token(token)
         for known, subject in self._by_hash.items():
             # compare_digest keeps the comparison time independent of where
             # the hashes first differ.
             if hmac.compare_digest(known, digest):
                 return subject
-        raise Unauthenticated("unknown or revoked token")
+        if self.oauth is not None and looks_like_jwt(token):
+            return self.oauth.verify(token)
+        raise InvalidToken("unknown or revoked token")

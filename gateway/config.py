@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.oauth import parse_jwks, read_jwks
+
 ENV_PREFIX = "MCP_GATEWAY__"
 
 
@@ -59,8 +61,49 @@ class TokenConfig(_Section):
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+_Algorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+_HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")]
+
+
+class OAuthConfig(_Section):
+    """An authorization server whose JWT access tokens the gateway accepts (docs/mcp.md)."""
+
+    issuer: _HttpUrl
+    # This gateway's resource URL (RFC 8707): tokens must carry it in ``aud``.
+    audience: _HttpUrl
+    jwks_file: Path | None = None
+    jwks: dict[str, Any] | None = None
+    # Advertised in the metadata document; default: [issuer].
+    authorization_servers: tuple[_HttpUrl, ...] = ()
+    # Default: derived from audience (RFC 9728 section 3.1).
+    resource_metadata_url: _HttpUrl | None = None
+    scopes_supported: tuple[str, ...] = ()
+    resource_name: str | None = None
+    algorithms: Annotated[tuple[_Algorithm, ...], Field(min_length=1)] = ("RS256", "ES256")
+    leeway_s: Annotated[float, Field(ge=0, le=300)] = 30.0
+    roles_claim: Annotated[str, Field(min_length=1)] = "roles"
+    role_map: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    subject_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9._@-]{0,64}$")] = ""
+
+    @field_validator("jwks")
+    @classmethod
+    def _jwks_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            parse_jwks(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> OAuthConfig:
+        if (self.jwks is None) == (self.jwks_file is None):
+            raise ValueError("give exactly one of 'jwks_file' or 'jwks'")
+        return self
+
+
 class AuthConfig(_Section):
     tokens: tuple[TokenConfig, ...] = ()
+    oauth: OAuthConfig | None = None
 
 
 class MtlsSubjectConfig(_Section):
@@ -280,7 +323,17 @@ def parse(data: object, env: Mapping[str, str] | None = None, base: Path | None 
     _check_tracing(config.tracing)
     if base is not None:
         config = _resolve(config, base)
+    _check_oauth(config.auth.oauth)
     return config
+
+
+def _check_oauth(oauth: OAuthConfig | None) -> None:
+    if oauth is None or oauth.jwks_file is None:
+        return
+    try:
+        read_jwks(oauth.jwks_file)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: auth.oauth.jwks_file: {exc}") from None
 
 
 def _check_tls(tls: TlsConfig) -> None:
@@ -323,9 +376,14 @@ def _resolve(config: Config, base: Path) -> Config:
             if (value := getattr(config.tls, key)) is not None
         }
     )
+    auth = config.auth
+    if auth.oauth is not None and auth.oauth.jwks_file is not None:
+        oauth = auth.oauth.model_copy(update={"jwks_file": rel(auth.oauth.jwks_file)})
+        auth = auth.model_copy(update={"oauth": oauth})
     return config.model_copy(
         update={
             "state_dir": rel(config.state_dir),
+            "auth": auth,
             "tls": tls,
             "policy": config.policy.model_copy(
                 update={

@@ -11,6 +11,7 @@ the same codes in their own modules.
     McpError
      ├── InvalidArgument      INVALID_ARGUMENT     400  (bad input; ``field`` names it)
      ├── Unauthenticated      UNAUTHENTICATED      401
+     │    └── InvalidToken    UNAUTHENTICATED      401  (a token was given and refused)
      ├── PermissionDenied     PERMISSION_DENIED    403  (policy deny; ``reasons``)
      ├── NotFound             NOT_FOUND            404
      ├── FailedPrecondition   FAILED_PRECONDITION  409
@@ -95,6 +96,10 @@ class InvalidArgument(McpError):
 
 class Unauthenticated(McpError):
     code = ErrorCode.UNAUTHENTICATED
+
+
+class InvalidToken(Unauthenticated):
+    """A bearer token was presented and refused (RFC 6750 ``invalid_token``)."""
 
 
 class PermissionDenied(McpError):

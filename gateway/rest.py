@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway import __version__
 from gateway.auth import PeerIdentity, TokenAuthenticator
+from gateway.config import OAuthConfig
 from gateway.errors import (
     InvalidArgument,
     McpError,
@@ -28,6 +29,7 @@ from gateway.errors import (
     Unauthenticated,
 )
 from gateway.models import Subject
+from gateway.oauth import metadata_document, metadata_paths
 from gateway.openapi import openapi_document
 from gateway.schema import parse_bool, parse_execute, parse_mode, parse_task_id
 from gateway.service import Gateway, RequestContext
@@ -72,12 +74,16 @@ def _peer(request: web.Request) -> PeerIdentity | None:
     return PeerIdentity.from_der(der) if der else None
 
 
-def _error_response(error: McpError, request_id: str) -> web.Response:
+def _error_response(
+    error: McpError, request_id: str, auth: TokenAuthenticator | None = None
+) -> web.Response:
     headers = {"X-Request-Id": request_id}
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
     if isinstance(error, Unauthenticated):
-        headers["WWW-Authenticate"] = 'Bearer realm="mcp-gateway"'
+        headers["WWW-Authenticate"] = (
+            auth.challenge(error) if auth is not None else 'Bearer realm="mcp-gateway"'
+        )
     body = error.to_dict()
     body["error"]["request_id"] = request_id
     return web.json_response(body, status=error.http_status, headers=headers)
@@ -148,7 +154,7 @@ async def _handle(
         if isinstance(exc, _AUDITED_REJECTIONS):
             with contextlib.suppress(McpError):
                 await gateway.reject(request.get(SUBJECT), ctx, exc)
-        return _error_response(exc, ctx.request_id)
+        return _error_response(exc, ctx.request_id, request.app[AUTH])
     except web.HTTPRequestEntityTooLarge:
         code = "PAYLOAD_TOO_LARGE"
         exc2 = PayloadTooLarge(
@@ -367,6 +373,26 @@ async def file_delete(request: web.Request) -> web.Response:
     recursive = parse_bool(request.query.get("recursive"), "recursive")
     await gateway.delete_file(_subject(request), path, _ctx(request), recursive=recursive)
     return web.json_response({"path": path, "deleted": True})
+
+
+def add_metadata_routes(app: web.Application, settings: OAuthConfig) -> tuple[str, ...]:
+    """Serve the protected resource metadata document (RFC 9728); return its paths.
+
+    The document is public: a client needs it to learn where to get a token.
+    """
+    body = json.dumps(metadata_document(settings))
+
+    async def resource_metadata(request: web.Request) -> web.Response:
+        return web.Response(
+            text=body,
+            content_type="application/json",
+            headers={"Cache-Control": "public, max-age=300"},
+        )
+
+    paths = metadata_paths(settings.audience)
+    for index, path in enumerate(paths):
+        app.router.add_get(path, resource_metadata, name=f"oauth_resource_metadata_{index}")
+    return paths
 
 
 def add_routes(app: web.Application) -> None:
