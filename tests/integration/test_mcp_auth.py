@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,7 @@ def _alg_none(gw: Gateway) -> str:
     return jwt.encode(claims, "", algorithm="none")
 
 
-BAD_TOKENS = {
+BAD_TOKENS: dict[str, tuple[Callable[[Gateway], str], str]] = {
     "expired": (lambda gw: gw.token(exp=int(time.time()) - 600), "token expired"),
     "wrong_audience": (
         lambda gw: gw.token(aud="https://other.example.test/mcp"),
