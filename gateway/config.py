@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -64,7 +65,16 @@ class TokenConfig(_Section):
 _Algorithm = Literal[
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
 ]
-_HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")]
+_HTTP_URL = re.compile(r"https?://[^\s/?#@]+(/[^\s?#]*)?")
+
+
+def _http_url(value: str) -> str:
+    if _HTTP_URL.fullmatch(value) is None:
+        raise ValueError("must be an http(s) URL without query or fragment")
+    return value
+
+
+_HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
 class OAuthConfig(_Section):
