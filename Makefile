@@ -60,6 +60,7 @@ sysdeps:
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \
