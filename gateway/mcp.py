@@ -1,11 +1,15 @@
 """Model Context Protocol endpoint: Streamable HTTP at ``/mcp`` on the REST app.
 
-JSON-RPC 2.0 over POST, protocol revisions 2025-06-18 and 2025-11-25.  A
-POST is answered with ``application/json``, or with a ``text/event-stream``
-carrying progress notifications and then the response when the client prefers
-it (:func:`wants_sse`); there is no GET stream.  ``initialize`` issues an
-``Mcp-Session-Id`` bound to the authenticated subject; DELETE ends it;
-``notifications/cancelled`` stops a request of the session still in flight.
+JSON-RPC 2.0 over POST.  Two styles share the dispatch: the session revisions
+2025-06-18 and 2025-11-25, where ``initialize`` issues an ``Mcp-Session-Id``
+bound to the authenticated subject and DELETE ends it, and the stateless
+revision 2026-07-28, where every message is its own POST whose routing headers
+must agree with its body (:mod:`gateway.mcp_headers`) and ``server/discover``
+replaces ``initialize``.  A POST is answered with ``application/json``, or with
+a ``text/event-stream`` carrying progress notifications and then the response
+when the client prefers it (:func:`wants_sse`); there is no GET stream.
+``notifications/cancelled`` stops a request still in flight of the same
+session (or, stateless, of the same subject).
 Authentication is the REST bearer middleware; every tool goes through
 :class:`~gateway.service.Gateway`, so policy, audit and sandbox apply unchanged,
 and ``tools/list`` shows only the tools the policy lets the subject call.
@@ -32,6 +36,14 @@ from gateway import __version__
 from gateway.errors import InvalidArgument, McpError
 from gateway.mcp_commands import COMMAND_TOOLS
 from gateway.mcp_files import FILE_TOOLS
+from gateway.mcp_headers import (
+    META_SERVER_INFO,
+    STATELESS_VERSION,
+    VERSION_HEADER,
+    check_client_meta,
+    check_headers,
+    is_stateless,
+)
 from gateway.mcp_tool import Progress, Result, Tool, ToolCall, tool_error
 from gateway.models import Subject
 from gateway.rest import GATEWAY, SUBJECT
@@ -42,10 +54,17 @@ from gateway.tracing import extract_meta
 log = structlog.get_logger("gateway.mcp")
 
 MCP_PATH = "/mcp"
+#: The revisions with ``initialize`` and sessions, newest first.
 SUPPORTED_VERSIONS = ("2025-11-25", "2025-06-18")
 LATEST_VERSION = SUPPORTED_VERSIONS[0]
+#: Every revision served, newest first (what ``server/discover`` lists).
+ALL_VERSIONS = (STATELESS_VERSION, *SUPPORTED_VERSIONS)
 SESSION_HEADER = "Mcp-Session-Id"
-VERSION_HEADER = "MCP-Protocol-Version"
+SERVER_INFO = {"name": "mcp-security-gateway", "version": __version__}
+INSTRUCTIONS = (
+    "Commands and files run in your sandboxed workspace /workspace; "
+    "every call is checked by policy and audited."
+)
 MAX_SESSIONS = 10_000
 
 PARSE_ERROR = -32700
@@ -56,8 +75,14 @@ INTERNAL_ERROR = -32603
 #: Answer to a request the client cancelled (the code LSP uses; MCP sends none,
 #: but an HTTP POST needs an answer).
 REQUEST_CANCELLED = -32800
+#: Revision 2026-07-28: the routing headers are missing, repeated or disagree
+#: with the body; answered with HTTP 400 and nothing runs.
+HEADER_MISMATCH = -32020
 
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+Inflight = dict[str | int, asyncio.Future[Any]]
 
 
 @dataclass(slots=True)
@@ -66,15 +91,26 @@ class _Session:
     version: str
     created: float
     #: Requests being answered, by JSON-RPC id: what notifications/cancelled stops.
-    inflight: dict[str | int, asyncio.Future[Any]] = field(default_factory=dict)
+    inflight: Inflight = field(default_factory=dict)
 
 
 class McpSessions:
-    """Live MCP sessions of this process, keyed by ``Mcp-Session-Id``."""
+    """Live MCP sessions of this process, keyed by ``Mcp-Session-Id``, and the
+    requests of the stateless revision in flight, keyed by subject."""
 
     def __init__(self, limit: int = MAX_SESSIONS) -> None:
         self._limit = limit
         self._sessions: dict[str, _Session] = {}
+        self._stateless: dict[str, Inflight] = {}
+
+    def stateless_inflight(self, subject: str) -> Inflight:
+        """The subject's stateless requests being answered (what its
+        ``notifications/cancelled`` can stop); drop it with :meth:`release`."""
+        return self._stateless.setdefault(subject, {})
+
+    def release(self, subject: str) -> None:
+        if not self._stateless.get(subject, True):
+            del self._stateless[subject]
 
     def open(self, subject: str, version: str) -> str:
         if len(self._sessions) >= self._limit:
@@ -221,16 +257,27 @@ async def _post(request: web.Request) -> web.StreamResponse:
 
     subject = _subject(request)
     sessions = request.app[SESSIONS]
+    stateless = is_stateless(request.headers, message)
+    try:
+        check_headers(request.headers, message, stateless=stateless)
+    except InvalidArgument as exc:
+        # Fail closed: whatever an intermediary decided on the headers, the
+        # body is not what it decided on.  Audited, and nothing runs.
+        return await _refuse(request, subject, request_id, HEADER_MISMATCH, exc)
+    if stateless:
+        return await _post_stateless(request, subject, request_id, method, params)
+
     if method == "initialize" and request_id is not None:
+        # A client asking for 2026-07-28 here gets the newest session revision:
+        # that revision has no initialize.
         requested = params.get("protocolVersion")
         version = requested if requested in SUPPORTED_VERSIONS else LATEST_VERSION
         new_id = sessions.open(subject.id, version)
         result = {
             "protocolVersion": version,
-            "capabilities": {"tools": {"listChanged": False}},
-            "serverInfo": {"name": "mcp-security-gateway", "version": __version__},
-            "instructions": "Commands and files run in your sandboxed workspace /workspace; "
-            "every call is checked by policy and audited.",
+            "capabilities": _CAPABILITIES,
+            "serverInfo": SERVER_INFO,
+            "instructions": INSTRUCTIONS,
         }
         return web.json_response(
             {"jsonrpc": "2.0", "id": request_id, "result": result},
@@ -251,9 +298,78 @@ async def _post(request: web.Request) -> web.StreamResponse:
     if method is None or request_id is None:
         # A notification (notifications/initialized, cancelled...) or a response.
         if method == "notifications/cancelled":
-            _cancel_inflight(session, params)
+            _cancel_inflight(session.inflight, params)
         return web.Response(status=202)
+    return await _answer(request, subject, request_id, method, params, session.inflight)
 
+
+_CAPABILITIES: dict[str, Any] = {"tools": {"listChanged": False}}
+
+
+async def _refuse(
+    request: web.Request, subject: Subject, request_id: Any, code: int, exc: InvalidArgument
+) -> web.Response:
+    """Audit a message refused before dispatch and answer it with HTTP 400."""
+    log.warning("mcp message refused", subject=subject.id, field=exc.field, reason=exc.message)
+    with contextlib.suppress(McpError):
+        await request.app[GATEWAY].reject(
+            subject, RequestContext(transport="mcp", source=request.remote or ""), exc
+        )
+    return _rpc_error(request_id, code, exc.message, status=400)
+
+
+async def _post_stateless(
+    request: web.Request,
+    subject: Subject,
+    request_id: Any,
+    method: str | None,
+    params: dict[str, Any],
+) -> web.StreamResponse:
+    """A message of revision 2026-07-28 whose headers agree with its body."""
+    if SESSION_HEADER in request.headers:
+        # Refused rather than ignored: a session id would suggest state (a
+        # subject, a revision) that this revision never consults.
+        exc = InvalidArgument(
+            f"{SESSION_HEADER}: not used by protocol revision {STATELESS_VERSION}; "
+            "send the request without it",
+            field=SESSION_HEADER,
+        )
+        return await _refuse(request, subject, request_id, INVALID_REQUEST, exc)
+    if method in ("initialize", "notifications/initialized"):
+        exc = InvalidArgument(
+            f"method {method}: not part of protocol revision {STATELESS_VERSION} "
+            "(use server/discover)",
+            field="method",
+        )
+        return await _refuse(request, subject, request_id, INVALID_REQUEST, exc)
+    sessions = request.app[SESSIONS]
+    if method is None or request_id is None:
+        if method == "notifications/cancelled":
+            _cancel_inflight(sessions.stateless_inflight(subject.id), params)
+            sessions.release(subject.id)
+        return web.Response(status=202)
+    try:
+        check_client_meta(params)
+    except InvalidArgument as exc:
+        return await _refuse(request, subject, request_id, INVALID_PARAMS, exc)
+    try:
+        inflight = sessions.stateless_inflight(subject.id)
+        return await _answer(request, subject, request_id, method, params, inflight, stateless=True)
+    finally:
+        sessions.release(subject.id)
+
+
+async def _answer(
+    request: web.Request,
+    subject: Subject,
+    request_id: str | int,
+    method: str,
+    params: dict[str, Any],
+    inflight: Inflight,
+    *,
+    stateless: bool = False,
+) -> web.StreamResponse:
+    """Dispatch one request through the service layer and answer it (JSON or SSE)."""
     gateway = request.app[GATEWAY]
     meta = params.get("_meta")
     token = meta.get("progressToken") if isinstance(meta, dict) else None
@@ -273,6 +389,8 @@ async def _post(request: web.Request) -> web.StreamResponse:
     parent = extract_meta(meta)
     tool = params.get("name") if method == "tools/call" else None
     attributes: dict[str, str] = {"mcp.method.name": method, "mcp.transport": "mcp"}
+    if stateless:
+        attributes["mcp.protocol.version"] = STATELESS_VERSION
     if isinstance(tool, str):
         attributes["gen_ai.tool.name"] = tool
     reply: dict[str, Any]
@@ -286,8 +404,8 @@ async def _post(request: web.Request) -> web.StreamResponse:
             span.add_link(http_span.get_span_context())
         if stream is not None:
             await stream.open()
-        work = asyncio.ensure_future(_dispatch(call, method, params))
-        session.inflight[request_id] = work
+        work = asyncio.ensure_future(_dispatch(call, method, params, stateless=stateless))
+        inflight[request_id] = work
         try:
             result = await work
         except _RpcError as exc:
@@ -308,10 +426,13 @@ async def _post(request: web.Request) -> web.StreamResponse:
         else:
             if result.get("isError") is True:
                 span.set_attribute("mcp.tool.is_error", True)
+            if stateless:
+                # Revision 2026-07-28 tags every final result.
+                result = {"resultType": "complete", **result}
             reply = {"jsonrpc": "2.0", "id": request_id, "result": result}
         finally:
-            if session.inflight.get(request_id) is work:
-                del session.inflight[request_id]
+            if inflight.get(request_id) is work:
+                del inflight[request_id]
             if not work.done():
                 work.cancel()
     if stream is None:
@@ -323,11 +444,11 @@ def _error_body(request_id: Any, code: int, message: str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
 
 
-def _cancel_inflight(session: _Session, params: dict[str, Any]) -> None:
+def _cancel_inflight(inflight: Inflight, params: dict[str, Any]) -> None:
     request_id = params.get("requestId")
     if not _is_id(request_id):
         return
-    work = session.inflight.get(request_id)
+    work = inflight.get(request_id)
     if work is not None and not work.done():
         log.info("mcp request cancelled by the client", request_id=request_id)
         work.cancel()
@@ -400,9 +521,18 @@ class _SseReply:
         return self._response
 
 
-async def _dispatch(call: ToolCall, method: str, params: dict[str, Any]) -> dict[str, Any]:
+async def _dispatch(
+    call: ToolCall, method: str, params: dict[str, Any], *, stateless: bool = False
+) -> dict[str, Any]:
     if method == "ping":
         return {}
+    if method == "server/discover" and stateless:
+        return {
+            "supportedVersions": list(ALL_VERSIONS),
+            "capabilities": _CAPABILITIES,
+            "_meta": {META_SERVER_INFO: SERVER_INFO},
+            "instructions": INSTRUCTIONS,
+        }
     if method == "tools/list":
         try:
             return {"tools": await _visible_tools(call)}
