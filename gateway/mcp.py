@@ -22,6 +22,7 @@ import contextlib
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit
@@ -60,7 +61,6 @@ LATEST_VERSION = SUPPORTED_VERSIONS[0]
 #: Every revision served, newest first (what ``server/discover`` lists).
 ALL_VERSIONS = (STATELESS_VERSION, *SUPPORTED_VERSIONS)
 SESSION_HEADER = "Mcp-Session-Id"
-SERVER_INFO = {"name": "mcp-security-gateway", "version": __version__}
 INSTRUCTIONS = (
     "Commands and files run in your sandboxed workspace /workspace; "
     "every call is checked by policy and audited."
@@ -275,8 +275,8 @@ async def _post(request: web.Request) -> web.StreamResponse:
         new_id = sessions.open(subject.id, version)
         result = {
             "protocolVersion": version,
-            "capabilities": _CAPABILITIES,
-            "serverInfo": SERVER_INFO,
+            "capabilities": _capabilities(),
+            "serverInfo": _server_info(),
             "instructions": INSTRUCTIONS,
         }
         return web.json_response(
@@ -300,10 +300,15 @@ async def _post(request: web.Request) -> web.StreamResponse:
         if method == "notifications/cancelled":
             _cancel_inflight(session.inflight, params)
         return web.Response(status=202)
-    return await _answer(request, subject, request_id, method, params, session.inflight)
+    return await _answer(request, subject, request_id, method, params, lambda: session.inflight)
 
 
-_CAPABILITIES: dict[str, Any] = {"tools": {"listChanged": False}}
+def _server_info() -> dict[str, str]:
+    return {"name": "mcp-security-gateway", "version": __version__}
+
+
+def _capabilities() -> dict[str, Any]:
+    return {"tools": {"listChanged": False}}
 
 
 async def _refuse(
@@ -353,8 +358,15 @@ async def _post_stateless(
     except InvalidArgument as exc:
         return await _refuse(request, subject, request_id, INVALID_PARAMS, exc)
     try:
-        inflight = sessions.stateless_inflight(subject.id)
-        return await _answer(request, subject, request_id, method, params, inflight, stateless=True)
+        return await _answer(
+            request,
+            subject,
+            request_id,
+            method,
+            params,
+            lambda: sessions.stateless_inflight(subject.id),
+            stateless=True,
+        )
     finally:
         sessions.release(subject.id)
 
@@ -365,11 +377,15 @@ async def _answer(
     request_id: str | int,
     method: str,
     params: dict[str, Any],
-    inflight: Inflight,
+    inflight_table: Callable[[], Inflight],
     *,
     stateless: bool = False,
 ) -> web.StreamResponse:
-    """Dispatch one request through the service layer and answer it (JSON or SSE)."""
+    """Dispatch one request through the service layer and answer it (JSON or SSE).
+
+    ``inflight_table`` is looked up only when the request is registered in it:
+    a stateless subject's table is dropped whenever it is empty.
+    """
     gateway = request.app[GATEWAY]
     meta = params.get("_meta")
     token = meta.get("progressToken") if isinstance(meta, dict) else None
@@ -405,6 +421,7 @@ async def _answer(
         if stream is not None:
             await stream.open()
         work = asyncio.ensure_future(_dispatch(call, method, params, stateless=stateless))
+        inflight = inflight_table()
         inflight[request_id] = work
         try:
             result = await work
@@ -529,8 +546,8 @@ async def _dispatch(
     if method == "server/discover" and stateless:
         return {
             "supportedVersions": list(ALL_VERSIONS),
-            "capabilities": _CAPABILITIES,
-            "_meta": {META_SERVER_INFO: SERVER_INFO},
+            "capabilities": _capabilities(),
+            "_meta": {META_SERVER_INFO: _server_info()},
             "instructions": INSTRUCTIONS,
         }
     if method == "tools/list":
