@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from gateway.models import TaskState
 from gateway.rest import GATEWAY
 from tests.conftest import POLICIES, make_config
 from tests.integration.conftest import Api
+from tests.integration.mcp_sdk import connect, live_task, text, until_ended
 
 pytestmark = pytest.mark.integration
 
@@ -37,23 +37,6 @@ INIT = {
         "clientInfo": {"name": "raw", "version": "0"},
     },
 }
-
-
-@contextlib.asynccontextmanager
-async def connect(api: Api) -> AsyncIterator[ClientSession]:
-    """An initialized SDK session (a context manager, not a fixture: anyio task
-    groups must be entered and exited in the same task)."""
-    async with (
-        create_mcp_http_client(headers=AUTH) as http,
-        streamable_http_client(api.url("/mcp"), http_client=http) as (read, write, _),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
-        yield session
-
-
-def _text(result: Any) -> str:
-    return "".join(c.text for c in result.content if c.type == "text")
 
 
 # -- the SDK client ----------------------------------------------------------------
@@ -93,7 +76,7 @@ async def test_shell_execute_echo(api: Api) -> None:
         assert result.structuredContent["stdout"] == "hello world\n"
         assert result.structuredContent["exit_code"] == 0
         assert result.structuredContent["state"] == "COMPLETED"
-        assert "hello world" in _text(result)
+        assert "hello world" in text(result)
 
 
 async def test_shell_execute_stdin_and_directory(api: Api) -> None:
@@ -113,9 +96,9 @@ async def test_shell_execute_policy_deny_is_tool_error(api: Api) -> None:
     async with connect(api) as client:
         result = await client.call_tool("shell_execute", {"command": ["sh", "-c", "id"]})
         assert result.isError is True
-        text = _text(result)
-        assert "PERMISSION_DENIED" in text
-        assert "reason:" in text
+        message = text(result)
+        assert "PERMISSION_DENIED" in message
+        assert "reason:" in message
 
 
 async def test_shell_execute_failure_is_tool_error(api: Api) -> None:
@@ -129,16 +112,16 @@ async def test_shell_execute_failure_is_tool_error(api: Api) -> None:
 async def test_file_round_trip_and_listing(api: Api) -> None:
     async with connect(api) as client:
         wrote = await client.call_tool("write_file", {"path": "notes.txt", "content": "a\nb\nc\n"})
-        assert wrote.isError is False, _text(wrote)
+        assert wrote.isError is False, text(wrote)
         read = await client.call_tool("read_text_file", {"path": "/workspace/notes.txt"})
-        assert _text(read) == "a\nb\nc\n"
+        assert text(read) == "a\nb\nc\n"
         head = await client.call_tool("read_text_file", {"path": "notes.txt", "head": 1})
-        assert _text(head) == "a\n"
+        assert text(head) == "a\n"
         tail = await client.call_tool("read_text_file", {"path": "notes.txt", "tail": 2})
-        assert _text(tail) == "b\nc\n"
+        assert text(tail) == "b\nc\n"
         made = await client.call_tool("create_directory", {"path": "src"})
-        assert made.isError is False, _text(made)
-        listing = _text(await client.call_tool("list_directory", {"path": "."})).splitlines()
+        assert made.isError is False, text(made)
+        listing = text(await client.call_tool("list_directory", {"path": "."})).splitlines()
         assert "[FILE] notes.txt" in listing
         assert "[DIR] src" in listing
         info = await client.call_tool("get_file_info", {"path": "notes.txt"})
@@ -146,17 +129,17 @@ async def test_file_round_trip_and_listing(api: Api) -> None:
         assert info.structuredContent["size"] == 6
         assert info.structuredContent["type"] == "file"
         allowed = await client.call_tool("list_allowed_directories", {})
-        assert "/workspace" in _text(allowed)
+        assert "/workspace" in text(allowed)
 
 
 async def test_file_errors_are_tool_errors(api: Api) -> None:
     async with connect(api) as client:
         missing = await client.call_tool("read_text_file", {"path": "nope.txt"})
         assert missing.isError is True
-        assert "NOT_FOUND" in _text(missing)
+        assert "NOT_FOUND" in text(missing)
         escape = await client.call_tool("read_text_file", {"path": "../etc/passwd"})
         assert escape.isError is True
-        assert "'..'" in _text(escape)
+        assert "'..'" in text(escape)
 
 
 # -- raw JSON-RPC ------------------------------------------------------------------
@@ -294,18 +277,11 @@ async def test_client_disconnect_cancels_the_command(api: Api) -> None:
         "params": {"name": "shell_execute", "arguments": {"command": ["sleep", "30"]}},
     }
     post = asyncio.create_task(_post(api, headers, json=call))
-    for _ in range(100):
-        if tasks._live:
-            break
-        await asyncio.sleep(0.05)
-    (task_id,) = tasks._live
+    task_id = await live_task(tasks)
     post.cancel()  # the client goes away: aiohttp closes the connection
     with contextlib.suppress(asyncio.CancelledError):
         await post
-    for _ in range(100):
-        if task_id not in tasks._live:
-            break
-        await asyncio.sleep(0.1)
+    await until_ended(tasks, task_id)
     record = tasks.get(task_id)
     assert record.state == TaskState.CANCELLED
     assert record.ended_at is not None
@@ -320,12 +296,7 @@ COMMAND_TOOLS = {"shell_execute", "job_start", "job_output", "job_terminate", "j
 
 
 async def _tool_names(api: Api, token: str) -> set[str]:
-    async with (
-        create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http,
-        streamable_http_client(api.url("/mcp"), http_client=http) as (read, write, _),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
+    async with connect(api, token=token) as session:
         return {t.name for t in (await session.list_tools()).tools}
 
 
@@ -390,7 +361,7 @@ async def test_tool_list_of_a_role_without_commands(state_dir: Path, tmp_path: P
                 # Hidden is not the enforcement: a direct call is still decided.
                 result = await session.call_tool("shell_execute", {"command": ["true"]})
                 assert result.isError is True
-                assert "PERMISSION_DENIED" in _text(result)
+                assert "PERMISSION_DENIED" in text(result)
     finally:
         await server.close()
     assert not names & (COMMAND_TOOLS | WRITE_TOOLS)
@@ -457,11 +428,7 @@ async def test_cancelled_notification_kills_the_command(api: Api, accept: str) -
         "params": {"name": "shell_execute", "arguments": {"command": ["sleep", "30"]}},
     }
     post = asyncio.create_task(_post(api, headers, json=call))
-    for _ in range(100):
-        if tasks._live:
-            break
-        await asyncio.sleep(0.05)
-    (task_id,) = tasks._live
+    task_id = await live_task(tasks)
     cancel = {
         "jsonrpc": "2.0",
         "method": "notifications/cancelled",

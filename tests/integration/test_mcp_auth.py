@@ -19,12 +19,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
-from mcp import ClientSession
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 
 from gateway.app import build_app
 from tests.conftest import make_config
+from tests.integration.mcp_sdk import connect
 
 pytestmark = pytest.mark.integration
 
@@ -112,13 +110,7 @@ async def gw(state_dir: Path) -> AsyncIterator[Gateway]:
 
 async def test_valid_token_through_the_sdk_client(gw: Gateway) -> None:
     """A signed token for this audience lists tools and runs echo via the MCP SDK."""
-    headers = {"Authorization": f"Bearer {gw.token()}"}
-    async with (
-        create_mcp_http_client(headers=headers) as http,
-        streamable_http_client(gw.url("/mcp"), http_client=http) as (read, write, _),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
+    async with connect(gw, token=gw.token()) as session:
         tools = {t.name for t in (await session.list_tools()).tools}
         assert "shell_execute" in tools
         result = await session.call_tool("shell_execute", {"command": ["echo", "via", "jwt"]})

@@ -7,21 +7,17 @@ decides, the audit log records, the files live in the subject's workspace.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mcp import ClientSession
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 
 from gateway.audit import verify_file
 from gateway.rest import GATEWAY
-from tests.conftest import USERS
 from tests.integration.conftest import Api
+from tests.integration.mcp_sdk import connect, text
 
 pytestmark = pytest.mark.integration
 
@@ -43,22 +39,6 @@ REFERENCE_TOOLS = {
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
-
-
-@contextlib.asynccontextmanager
-async def connect(api: Api, user: str = "alice") -> AsyncIterator[ClientSession]:
-    headers = {"Authorization": f"Bearer {USERS[user][0]}"}
-    async with (
-        create_mcp_http_client(headers=headers) as http,
-        streamable_http_client(api.url("/mcp"), http_client=http) as (read, write, _),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
-        yield session
-
-
-def text(result: Any) -> str:
-    return "".join(c.text for c in result.content if c.type == "text")
 
 
 async def ok(client: ClientSession, tool: str, arguments: dict[str, Any]) -> str:

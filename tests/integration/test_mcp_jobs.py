@@ -15,7 +15,8 @@ from mcp import ClientSession
 from gateway.models import TaskState
 from gateway.rest import GATEWAY
 from tests.integration.conftest import Api
-from tests.integration.test_mcp_files import audit_events, connect, ok, text
+from tests.integration.mcp_sdk import connect, text
+from tests.integration.test_mcp_files import audit_events, ok
 
 pytestmark = pytest.mark.integration
 

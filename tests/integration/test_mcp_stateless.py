@@ -14,6 +14,7 @@ from gateway.models import TaskState
 from gateway.rest import GATEWAY
 from tests.conftest import USERS
 from tests.integration.conftest import Api
+from tests.integration.mcp_sdk import live_task
 
 pytestmark = pytest.mark.integration
 
@@ -24,6 +25,9 @@ META: dict[str, Any] = {
     "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"},
     "io.modelcontextprotocol/clientCapabilities": {},
 }
+
+
+ALICE = {"Authorization": f"Bearer {USERS['alice'][0]}"}
 
 
 def rpc(method: str, request_id: str | int | None = 1, **params: Any) -> dict[str, Any]:
@@ -74,6 +78,24 @@ async def result_of(api: Api, message: dict[str, Any], user: str = "alice") -> A
     assert body["id"] == message["id"]
     assert body["result"]["resultType"] == "complete"
     return body["result"]
+
+
+async def initialize(api: Api, protocol_version: str) -> tuple[str, dict[str, Any]]:
+    """A session revision's raw initialize (no revision headers, no ``_meta``): its
+    session id and answer."""
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": protocol_version,
+            "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "0"},
+        },
+    }
+    async with api.session.post(api.url("/mcp"), json=init, headers=ALICE) as resp:
+        assert resp.status == 200
+        return resp.headers["Mcp-Session-Id"], dict(await resp.json())
 
 
 def audit(api: Api) -> list[dict[str, Any]]:
@@ -223,16 +245,10 @@ async def test_name_header_on_a_method_without_a_name_is_refused(api: Api) -> No
 
 async def test_session_revision_headers_must_agree_when_sent(api: Api) -> None:
     """A session client that sends Mcp-Method is held to it too."""
-    init = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": META},
-    }
-    auth = {"Authorization": "Bearer alice-token"}
-    async with api.session.post(api.url("/mcp"), json=init, headers=auth) as resp:
-        session = resp.headers["Mcp-Session-Id"]
-    headers = CIMultiDict({**auth, "Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-11-25"})
+    session, _ = await initialize(api, "2025-11-25")
+    headers = CIMultiDict(
+        {**ALICE, "Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-11-25"}
+    )
     headers["Mcp-Method"] = "tools/list"
     message = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": WRITE["params"]}
     async with api.session.post(api.url("/mcp"), json=message, headers=headers) as resp:
@@ -269,34 +285,14 @@ async def test_initialize_is_refused_under_the_revision_header(api: Api) -> None
 
 async def test_initialize_asking_for_the_revision_gets_a_session_revision(api: Api) -> None:
     """Without the revision's header, initialize is the session handshake as before."""
-    init = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": VERSION,
-            "capabilities": {},
-            "clientInfo": {"name": "raw", "version": "0"},
-        },
-    }
-    auth = {"Authorization": "Bearer alice-token"}
-    async with api.session.post(api.url("/mcp"), json=init, headers=auth) as resp:
-        assert resp.status == 200
-        assert resp.headers["Mcp-Session-Id"]
-        assert (await resp.json())["result"]["protocolVersion"] == "2025-11-25"
+    session, body = await initialize(api, VERSION)
+    assert session
+    assert body["result"]["protocolVersion"] == "2025-11-25"
 
 
 async def test_session_header_is_refused(api: Api) -> None:
     """A Mcp-Session-Id sent with the revision is refused (400), not silently ignored."""
-    init = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": META},
-    }
-    auth = {"Authorization": "Bearer alice-token"}
-    async with api.session.post(api.url("/mcp"), json=init, headers=auth) as resp:
-        session = resp.headers["Mcp-Session-Id"]
+    session, _ = await initialize(api, "2025-11-25")
     message = tool("shell_execute", command=["echo", "hi"])
     headers = headers_for(message)
     headers["Mcp-Session-Id"] = session
@@ -347,11 +343,7 @@ async def test_cancelled_notification_is_scoped_to_the_subject(api: Api) -> None
     tasks = api.server.app[GATEWAY].tasks
     call = tool("shell_execute", "long-1", command=["sleep", "30"])
     running = asyncio.create_task(post(api, call))
-    for _ in range(100):
-        if tasks._live:
-            break
-        await asyncio.sleep(0.05)
-    (task_id,) = tasks._live
+    task_id = await live_task(tasks)
     cancel = rpc("notifications/cancelled", None, requestId="long-1")
     assert await post(api, cancel, headers_for(cancel, "bob")) == (202, "")
     await asyncio.sleep(0.3)

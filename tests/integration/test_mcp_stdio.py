@@ -11,7 +11,6 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from mcp import ClientSession, StdioServerParameters, types
@@ -22,6 +21,7 @@ from gateway.rest import GATEWAY
 from tests.conftest import ROOT
 from tests.integration.conftest import Api
 from tests.integration.gateway_proc import GatewayProcess, free_port
+from tests.integration.mcp_sdk import live_task, text, until_ended
 from tests.integration.test_tls import Pki, _start
 
 pytestmark = pytest.mark.integration
@@ -45,10 +45,6 @@ async def bridge(args: list[str], env: dict[str, str]) -> AsyncIterator[ClientSe
     ):
         await session.initialize()
         yield session
-
-
-def text(result: Any) -> str:
-    return "".join(c.text for c in result.content if c.type == "text")
 
 
 async def test_bridge_forwards_tools_with_a_token_file(api: Api, tmp_path: Path) -> None:
@@ -202,11 +198,7 @@ async def test_bridge_forwards_progress_and_cancellation(api: Api) -> None:
 
         local_id = client._request_id  # the id the next request gets
         call = asyncio.create_task(client.call_tool("shell_execute", {"command": ["sleep", "30"]}))
-        for _ in range(200):
-            if tasks._live:
-                break
-            await asyncio.sleep(0.05)
-        (task_id,) = tasks._live
+        task_id = await live_task(tasks, polls=200)
         await client.send_notification(
             types.ClientNotification(
                 types.CancelledNotification(
@@ -214,10 +206,7 @@ async def test_bridge_forwards_progress_and_cancellation(api: Api) -> None:
                 )
             )
         )
-        for _ in range(200):
-            if task_id not in tasks._live:
-                break
-            await asyncio.sleep(0.05)
+        await until_ended(tasks, task_id, polls=200, every=0.05)
         assert task_id not in tasks._live  # stopped by the notification alone
         call.cancel()
         with contextlib.suppress(BaseException):
