@@ -128,8 +128,11 @@ class _OpenHow(ctypes.Structure):
     )
 
 
-# A read-only foreign-function handle (no state of ours): long syscall(long,
-# int, const char *, struct open_how *, size_t).
+# The C library, for the two foreign functions below (read-only handles, no
+# state of ours).
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# long syscall(long, int, const char *, struct open_how *, size_t).
 _syscall_openat2 = ctypes.CFUNCTYPE(
     ctypes.c_long,
     ctypes.c_long,
@@ -138,7 +141,7 @@ _syscall_openat2 = ctypes.CFUNCTYPE(
     ctypes.c_void_p,
     ctypes.c_size_t,
     use_errno=True,
-)(("syscall", ctypes.CDLL(None, use_errno=True)))
+)(("syscall", _libc))
 
 
 # renameat2(2) with RENAME_NOREPLACE (glibc 2.28+): the rename fails with
@@ -154,7 +157,7 @@ try:
         ctypes.c_char_p,
         ctypes.c_uint,
         use_errno=True,
-    )(("renameat2", ctypes.CDLL(None, use_errno=True)))
+    )(("renameat2", _libc))
 except AttributeError:  # an older C library: checked rename below
     _renameat2 = None
 
