@@ -105,6 +105,7 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
         redact=config.audit.redact,
         also_journald=config.audit.journald,
         on_latency=metrics.audit_write_seconds.observe,
+        on_sync_failure=metrics.audit_failures.inc,
         tracing=tracing,
     )
     store = SqliteTaskStore(config.state_dir / "tasks.db")

@@ -1,4 +1,4 @@
-"""Tamper-evident audit log: hash-chained, fsynced JSON lines.
+"""Tamper-evident audit log: hash-chained JSON lines, fsynced by group commit.
 
 Record format
 -------------
@@ -72,6 +72,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
 from structlog.processors import JSONRenderer
 from structlog.typing import EventDict, WrappedLogger
 
@@ -120,6 +121,8 @@ _SECRET_KEY = re.compile(
 _TS_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TAIL_WINDOW = 64 * 1024
+
+log = structlog.get_logger("gateway.audit")
 
 
 # --------------------------------------------------------------------------
@@ -455,8 +458,19 @@ def verify_file(path: Path, *, expected_head: str | None = None) -> VerifyResult
 class AuditSink(Protocol):
     """Where audit records go."""
 
-    async def write(self, event: str, fields: Mapping[str, object]) -> str:
-        """Durably record ``event`` with ``fields``; return the record's hash."""
+    async def write(self, event: str, fields: Mapping[str, object], *, sync: bool = True) -> str:
+        """Record ``event`` with ``fields``; return the record's hash.
+
+        The record is in the log when this returns.  With ``sync`` it is
+        also durable (fsynced); without, it becomes durable shortly after,
+        in the background.
+        """
+        ...
+
+    async def append(
+        self, event: str, fields: Mapping[str, object]
+    ) -> tuple[str, asyncio.Future[None]]:
+        """Record now; return the hash and a future that ends once the record is durable."""
         ...
 
     async def close(self) -> None:
@@ -464,14 +478,87 @@ class AuditSink(Protocol):
         ...
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(eq=False, slots=True)
 class _Open:
-    """The open file and the chain head (owned by the thread lock)."""
+    """The open file and the chain head (owned by the event-loop thread)."""
 
     fd: int
     seq: int
     head: str
     journal: socket.socket | None
+    closed: bool = False
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Ticket:
+    """One record (or a close) waiting for the syncer thread."""
+
+    state: _Open
+    loop: asyncio.AbstractEventLoop
+    started: float
+    done: asyncio.Future[None] | None  # None: nobody waits (a background record)
+    close: bool = False
+
+
+class _Syncer:
+    """Group commit: one thread fsyncs for every record appended since its last fsync.
+
+    Records are appended on the event loop; each one queues a ticket here.
+    The thread takes all queued tickets, fsyncs each file once and hands
+    the results back to the tickets' loops, so concurrent writers share one
+    fsync instead of queueing for one each.  A close ticket fsyncs and then
+    closes its file (after every record queued before it).  The thread
+    exits after :data:`_SYNCER_IDLE_S` without work and starts again on demand.
+    """
+
+    def __init__(self, complete: Callable[[list[_Ticket], dict[int, OSError]], None]) -> None:
+        self._complete = complete
+        self._cond = threading.Condition()
+        self._queue: list[_Ticket] = []
+        self._thread: threading.Thread | None = None
+        self.rounds = 0  # fsync rounds so far (one per batch of tickets)
+
+    def submit(self, ticket: _Ticket) -> None:
+        with self._cond:
+            self._queue.append(ticket)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="audit-fsync", daemon=True)
+                self._thread.start()
+            else:
+                self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait(_SYNCER_IDLE_S)
+                if not self._queue:
+                    self._thread = None
+                    return
+                batch, self._queue = self._queue, []
+                self.rounds += 1
+            errors: dict[int, OSError] = {}
+            for state in {id(t.state): t.state for t in batch}.values():
+                if state.closed:
+                    continue
+                try:
+                    os.fsync(state.fd)
+                except OSError as exc:
+                    errors[id(state)] = exc
+            for ticket in batch:
+                if ticket.close and not ticket.state.closed:
+                    ticket.state.closed = True
+                    _close_quietly(ticket.state)
+            by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list[_Ticket]]] = {}
+            for ticket in batch:
+                by_loop.setdefault(id(ticket.loop), (ticket.loop, []))[1].append(ticket)
+            for loop, tickets in by_loop.values():
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(self._complete, tickets, errors)
+
+
+# How long the fsync thread lingers without work before it exits.
+_SYNCER_IDLE_S = 5.0
 
 
 class AuditLog(AuditSink):
@@ -479,21 +566,29 @@ class AuditLog(AuditSink):
 
     The file is opened lazily by the first :meth:`write` (mode 0o600,
     ``O_APPEND``) and locked with ``flock(LOCK_EX)`` so a second writer,
-    which would fork the chain, fails with Unavailable instead.  Each write
-    renders the record, ``os.write``-s the full line, ``fsync``-s it and only
-    then returns its hash; the blocking part runs in a worker thread.
-    Writes are serialized by an :class:`asyncio.Lock` (one worker thread at a
-    time) and, inside the thread, by a :class:`threading.Lock` that also
-    covers the chain state, so a cancelled caller cannot let the next record
-    be rendered before the previous one is on disk.
+    which would fork the chain, fails with Unavailable instead.
 
-    ``on_latency(seconds)`` receives the write+fsync time of each record; it
-    must not raise (if it does, the exception is ignored: the record is
-    already durable).  With ``also_journald`` and an existing
-    ``journald_socket`` each record is also sent, non-blocking and
-    best-effort, as a journald native datagram; failures are only counted
-    (:attr:`journald_failures`).  If a write fails the file is reopened (and
-    any torn tail recovered) before the next record.
+    A write renders the record and ``os.write``-s the whole line on the
+    event loop, with no await in between, so records are chained in call
+    order and a process crash (even ``kill -9``) loses none that a caller
+    saw written.  Durability is group-committed: a dedicated thread fsyncs
+    once for every record appended since its previous fsync (see
+    :class:`_Syncer`).  ``write(..., sync=True)`` (the default) returns only
+    once its record is fsynced; ``sync=False`` returns once the record is
+    in the file and lets the fsync happen in the background (task
+    transitions: only power loss could drop them, and the decision that
+    allowed the task is always fsynced first).
+
+    ``on_latency(seconds)`` receives, for each record, the time from its
+    append until it was fsynced; it must not raise (if it does, the
+    exception is ignored: the record is already durable).  With
+    ``also_journald`` and an existing ``journald_socket`` each record is
+    also sent, non-blocking and best-effort, as a journald native
+    datagram; failures are only counted (:attr:`journald_failures`).  If a
+    write or an fsync fails the file is closed and reopened (and any torn
+    tail recovered) before the next record; a background record whose
+    fsync failed is counted in :attr:`sync_failures` and reported to
+    ``on_sync_failure()``.
     """
 
     def __init__(
@@ -504,6 +599,7 @@ class AuditLog(AuditSink):
         clock: Callable[[], float] = time.time,
         also_journald: bool = False,
         on_latency: Callable[[float], object] | None = None,
+        on_sync_failure: Callable[[], object] | None = None,
         journald_socket: Path = JOURNALD_SOCKET,
         tracing: Tracing | None = None,
     ) -> None:
@@ -513,24 +609,57 @@ class AuditLog(AuditSink):
         self._also_journald = also_journald
         self._journald_socket = journald_socket
         self._on_latency = on_latency
-        self._lock = asyncio.Lock()
-        self._thread_lock = threading.Lock()
+        self._on_sync_failure = on_sync_failure
+        self._open_lock = asyncio.Lock()
         self._state: _Open | None = None
+        self._opening: asyncio.Future[None] | None = None
         self._closed = False
+        self._syncer = _Syncer(self._synced)
         self.journald_failures = 0
+        self.sync_failures = 0
 
     @property
     def path(self) -> Path:
         return self._path
 
-    async def write(self, event: str, fields: Mapping[str, object]) -> str:
-        """Append one record durably and return its hash (hex SHA-256 of the line).
+    @property
+    def fsync_rounds(self) -> int:
+        """How many group fsyncs ran so far (each covers every record appended before it)."""
+        return self._syncer.rounds
 
-        Raises InvalidArgument for a bad event name or a reserved field name,
-        FailedPrecondition after :meth:`close`, Unavailable if another writer
-        holds the file, ResourceExhausted when the disk is full, Internal for
-        other I/O failures or a corrupt log.
+    async def write(self, event: str, fields: Mapping[str, object], *, sync: bool = True) -> str:
+        """Append one record and return its hash (hex SHA-256 of the line).
+
+        With ``sync`` (the default) the record is fsynced before this
+        returns.  Raises InvalidArgument for a bad event name or a reserved
+        field name, FailedPrecondition after :meth:`close`, Unavailable if
+        another writer holds the file, ResourceExhausted when the disk is
+        full, Internal for other I/O failures or a corrupt log.
         """
+        digest, durable = await self._append(event, fields, sync=sync)
+        if durable is not None:
+            # Shielded: a cancelled caller leaves the record to be synced.
+            await asyncio.shield(durable)
+        return digest
+
+    async def append(
+        self, event: str, fields: Mapping[str, object]
+    ) -> tuple[str, asyncio.Future[None]]:
+        """Append one record now; return its hash and a future that ends when it is fsynced.
+
+        For work that must not *start* before its record is durable but can
+        be prepared meanwhile (the sandbox is set up while the decision
+        record is fsynced).  The future raises the write's McpError if the
+        fsync fails.  Raises like :meth:`write` when the append itself fails.
+        """
+        digest, durable = await self._append(event, fields, sync=True)
+        if durable is None:  # pragma: no cover - sync=True always has one
+            raise Internal("audit append without a durability future")
+        return digest, durable
+
+    async def _append(
+        self, event: str, fields: Mapping[str, object], *, sync: bool
+    ) -> tuple[str, asyncio.Future[None] | None]:
         check_fields(event, fields)
         ids = current_trace_ids()
         if ids and "trace_id" not in fields:
@@ -538,41 +667,88 @@ class AuditLog(AuditSink):
             # jump from the record to its trace (and back, by trace id).
             fields = {**fields, "trace_id": ids["trace_id"]}
         with self._tracing.span("audit.write", attributes={"mcp.audit.event": event}):
-            async with self._lock:
-                digest, elapsed = await asyncio.to_thread(self._write_blocking, event, fields)
-        if self._on_latency is not None:
-            with contextlib.suppress(Exception):
-                self._on_latency(elapsed)
-        return digest
-
-    async def close(self) -> None:
-        """Close the file (releasing the lock); idempotent."""
-        async with self._lock:
-            await asyncio.to_thread(self._close_blocking)
-
-    # -- blocking part (worker thread) -----------------------------------------
-
-    def _write_blocking(self, event: str, fields: Mapping[str, object]) -> tuple[str, float]:
-        with self._thread_lock:
-            if self._closed:
-                raise FailedPrecondition("the audit log is closed")
-            state = self._state if self._state is not None else self._open()
-            self._state = state
+            state = self._state if self._state is not None else await self._ensure_open()
+            # From here to the append nothing awaits: the chain is in call order.
             line = self._formatter.render(state.seq + 1, event, fields, state.head)
-            started = time.perf_counter()
             try:
-                _append(state.fd, line + b"\n")
+                _write_all(state.fd, line + b"\n")
             except McpError:
                 # Part of the line may have reached the file: reopen (and
                 # recover the torn tail) before the next record.
-                self._state = None
-                _close_quietly(state)
+                self._retire(state)
                 raise
-            elapsed = time.perf_counter() - started
             state.seq += 1
-            state.head = record_hash(line)
+            state.head = digest = record_hash(line)
             self._send_journald(state, line)
-            return state.head, elapsed
+            loop = asyncio.get_running_loop()
+            done = loop.create_future() if sync else None
+            self._syncer.submit(_Ticket(state, loop, time.perf_counter(), done))
+        return digest, done
+
+    async def close(self) -> None:
+        """Fsync and close the file (releasing the lock); idempotent."""
+        async with self._open_lock:
+            self._closed = True
+            if self._opening is not None and not self._opening.done():
+                await asyncio.wait([self._opening])  # it closes what it opened
+            state, self._state = self._state, None
+            if state is not None:
+                done = asyncio.get_running_loop().create_future()
+                self._syncer.submit(
+                    _Ticket(state, asyncio.get_running_loop(), 0.0, done, close=True)
+                )
+                with contextlib.suppress(McpError):
+                    await done
+
+    async def _ensure_open(self) -> _Open:
+        async with self._open_lock:
+            while True:
+                if self._closed:
+                    raise FailedPrecondition("the audit log is closed")
+                if self._state is not None:
+                    return self._state
+                if self._opening is None or self._opening.done():
+                    self._opening = asyncio.ensure_future(self._open_async())
+                # Shielded: a cancelled writer must not strand an open, locked file.
+                await asyncio.shield(self._opening)
+
+    async def _open_async(self) -> None:
+        state = await asyncio.to_thread(self._open)
+        if self._closed:
+            _close_quietly(state)
+            return
+        self._state = state
+
+    def _retire(self, state: _Open) -> None:
+        """Stop using ``state``; the syncer closes it after its queued records."""
+        if self._state is state:
+            self._state = None
+        self._syncer.submit(_Ticket(state, asyncio.get_running_loop(), 0.0, None, close=True))
+
+    def _synced(self, tickets: list[_Ticket], errors: dict[int, OSError]) -> None:
+        """On the loop: resolve the tickets of one fsync round."""
+        now = time.perf_counter()
+        for ticket in tickets:
+            error = errors.get(id(ticket.state))
+            if error is not None:
+                if self._state is ticket.state:
+                    self._retire(ticket.state)
+                if ticket.done is None and not ticket.close:
+                    self.sync_failures += 1
+                    log.error("audit fsync failed", error=str(error))
+                    if self._on_sync_failure is not None:
+                        with contextlib.suppress(Exception):
+                            self._on_sync_failure()
+            elif not ticket.close and self._on_latency is not None:
+                with contextlib.suppress(Exception):
+                    self._on_latency(now - ticket.started)
+            if ticket.done is not None and not ticket.done.done():
+                if error is None:
+                    ticket.done.set_result(None)
+                else:
+                    ticket.done.set_exception(_io_error(error, "write"))
+
+    # -- blocking part (worker thread) -----------------------------------------
 
     def _open(self) -> _Open:
         try:
@@ -655,20 +831,21 @@ class AuditLog(AuditSink):
         except OSError:
             self.journald_failures += 1
 
-    def _close_blocking(self) -> None:
-        with self._thread_lock:
-            self._closed = True
-            if self._state is not None:
-                _close_quietly(self._state)
-                self._state = None
 
-
-def _append(fd: int, data: bytes) -> None:
-    """Write all of ``data`` (O_APPEND) and fsync it before returning."""
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (O_APPEND)."""
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+    except OSError as exc:
+        raise _io_error(exc, "write") from exc
+
+
+def _append(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (O_APPEND) and fsync it before returning."""
+    _write_all(fd, data)
+    try:
         os.fsync(fd)
     except OSError as exc:
         raise _io_error(exc, "write") from exc

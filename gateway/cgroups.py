@@ -69,8 +69,8 @@ Requested = Literal["auto", "v2", "v1", "off"]
 LIMIT_CONTROLLERS = ("memory", "pids", "cpu")
 _V1_HELPERS = ("cpuacct", "freezer")
 CPU_PERIOD_US = 100_000
-# bwrap's own two processes (monitor and pid-1 reaper) live in the task cgroup.
-BWRAP_PROCESSES = 2
+# bwrap's pid-1 reaper lives in the task cgroup (its monitor process stays outside).
+BWRAP_PROCESSES = 1
 SUPERVISOR_LEAF = "supervisor"
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -7,20 +7,21 @@ control by :mod:`gateway.cgroups`.  This module does the process plumbing.
 
 One run, step by step
 ---------------------
-1. Validate the request (:func:`gateway.bwrap.validate_request`) and create
-   the task cgroup with its limits.
+1. Validate the request (:func:`gateway.bwrap.validate_request`).
 2. Spawn bwrap with ``subprocess.Popen``: ``close_fds=True``, an empty
    environment, its own session, and ``pass_fds`` = exactly the fds bwrap
    consumes and closes before exec (seccomp program, synthetic passwd and
    group, ``--block-fd``, ``--info-fd``).  stdin is a sealed memfd holding
    ``req.stdin`` (or ``/dev/null``), so nothing has to be written to a pipe
    while the command runs; stdout and stderr are pipes.
-3. bwrap sets the sandbox up, writes the host pid of its pid-1 child to the
-   info fd and blocks on the block fd *before forking the command*.  Until
-   then only two processes exist (bwrap itself and that child), so moving
-   both into the task cgroup and applying rlimits to the child with
+3. While bwrap sets the sandbox up, a worker thread creates the task cgroup
+   with its limits.  bwrap writes the host pid of its pid-1 child to the
+   info fd and the child blocks on the block fd *before forking the
+   command*.  Until then the child is the only process of the sandbox, so
+   moving it into the task cgroup and applying rlimits to it with
    ``prlimit(2)`` is race-free: everything the command ever forks inherits
-   them.  Only then is the block fd released.
+   them.  (bwrap's own monitor process stays outside: it runs nothing of
+   the caller's.)  Only then is the block fd released.
 4. stdout/stderr are read in ``chunk_bytes`` pieces with ``add_reader``;
    each stream delivers at most ``limits.output_bytes`` to ``on_output``,
    then keeps draining and only counts, so memory stays flat.
@@ -78,7 +79,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from gateway import bwrap as bw
@@ -108,6 +109,9 @@ _STDERR_HEAD = 4096
 _SETUP_TIMEOUT_S = 30.0
 # After bwrap exits, how long the output pipes may take to reach EOF.
 _DRAIN_TIMEOUT_S = 5.0
+# After bwrap exits, pipes that are not at EOF by then are held by a
+# survivor (a daemonized child): the task cgroup is killed.
+_QUIET_EOF_S = 0.02
 # Without cgroups, bwrap is started through this subreaper shim (run by the
 # gateway's own interpreter with -I -S).  bwrap's monitor exits as soon as
 # the command does, without reaping its pid 1, so its rusage misses the
@@ -170,9 +174,18 @@ class Sandbox(Protocol):
     """Runs one command in isolation; the core's only way to execute anything."""
 
     async def run(
-        self, req: SandboxRequest, on_output: OutputCallback, cancel: asyncio.Event
+        self,
+        req: SandboxRequest,
+        on_output: OutputCallback,
+        cancel: asyncio.Event,
+        *,
+        gate: Awaitable[None] | None = None,
     ) -> RunResult:
         """Run ``req`` to completion, timeout or cancellation.
+
+        ``gate``, when given, must end before the command starts (the
+        sandbox may be set up meanwhile); if it raises, the command never
+        runs and the result carries ``error``.
 
         ``on_output(stream, data)`` receives at most ``limits.output_bytes``
         per stream, in order, as it is produced.  A failing command is a
@@ -610,27 +623,31 @@ class BwrapSandbox:
     # -- running -------------------------------------------------------------------------
 
     async def run(
-        self, req: SandboxRequest, on_output: OutputCallback, cancel: asyncio.Event
+        self,
+        req: SandboxRequest,
+        on_output: OutputCallback,
+        cancel: asyncio.Event,
+        *,
+        gate: Awaitable[None] | None = None,
     ) -> RunResult:
         """See :meth:`Sandbox.run`."""
         bw.validate_request(req)
         started = time.monotonic()
         if cancel.is_set():
             return RunResult(exit_code=None, cancelled=True)
-        cgroup: TaskCgroup | None = None
-        if self.cgroups.available:
-            try:
-                cgroup = await asyncio.to_thread(self.cgroups.create, req.task_id, req.limits)
-            except OSError as exc:
-                # Fail closed: limits that were promised must apply.
-                return RunResult(exit_code=None, error=f"sandbox: cannot create cgroup: {exc}")
-        run = _Run(req, cgroup, started)
+        run = _Run(req, None, started)
         try:
-            return await self._run(run, on_output, cancel)
+            return await self._run(run, on_output, cancel, gate)
         finally:
             await self._cleanup(run)
 
-    async def _run(self, run: _Run, on_output: OutputCallback, cancel: asyncio.Event) -> RunResult:
+    async def _run(
+        self,
+        run: _Run,
+        on_output: OutputCallback,
+        cancel: asyncio.Event,
+        gate: Awaitable[None] | None,
+    ) -> RunResult:
         lim = run.req.limits
         caps: dict[Stream, OutputCap] = {
             "stdout": OutputCap(lim.output_bytes),
@@ -642,8 +659,10 @@ class BwrapSandbox:
                 span.set_attribute("mcp.sandbox.error", run.error or "")
                 return self._result(run, caps, None)
             run.proc = proc
-            run.child_pid = parse_info(await self._read_info(run, proc))
-            if run.child_pid is None or not self._place(run, proc):
+            # The task cgroup is made while bwrap sets the sandbox up.
+            info = await self._read_info_and_cgroup(run, proc)
+            run.child_pid = parse_info(info)
+            if run.child_pid is None or not await self._place_and_gate(run, proc, gate):
                 # bwrap failed (or is stuck) before reporting its child, or the
                 # child could not be confined: it must never run the command.
                 self._kill_now(run)
@@ -670,7 +689,10 @@ class BwrapSandbox:
 
         # bwrap is gone and its pid 1 dies with it (--die-with-parent); kill
         # whatever is left in the cgroup so that the pipes reach EOF.
-        await self._kill_tree(run)
+        self._kill_now(run)
+        if run.cgroup is not None and not await self._drained(proc, _QUIET_EOF_S):
+            # Something still holds the pipes (a daemonized child): kill the tree.
+            await asyncio.to_thread(run.cgroup.kill)
         await self._drain(proc)
         for pump in proc.pumps:
             if pump.error is not None:
@@ -806,7 +828,14 @@ class BwrapSandbox:
         )
 
     async def _read_info(self, run: _Run, proc: _Proc) -> bytes:
-        """Everything bwrap writes to the info fd (EOF once bwrap and its child closed it)."""
+        """bwrap's info document, as soon as it is complete (or all there is, at EOF).
+
+        bwrap's parent writes the whole JSON object right after it cloned
+        the child, while the child is still setting the sandbox up; reading
+        up to EOF would also wait for the child to close its copy of the
+        fd, which it does at the end of its setup.  Returning on the first
+        complete object lets the cgroup placement overlap that setup.
+        """
         loop = asyncio.get_running_loop()
         fd = proc.info_r
         data = bytearray()
@@ -819,6 +848,9 @@ class BwrapSandbox:
                 return
             if chunk and len(data) < 65536:
                 data.extend(chunk)
+                complete = data.rstrip().endswith(b"}") and parse_info(bytes(data)) is not None
+                if complete and not eof.done():
+                    eof.set_result(None)
             elif not eof.done():
                 eof.set_result(None)
 
@@ -835,19 +867,58 @@ class BwrapSandbox:
             proc.info_r = -1
         return bytes(data)
 
+    async def _read_info_and_cgroup(self, run: _Run, proc: _Proc) -> bytes:
+        """bwrap's info, while the task cgroup is created in a worker thread.
+
+        Whatever happens to the info (even cancellation), the cgroup is
+        awaited and kept in ``run`` so that cleanup removes it; a cgroup
+        that cannot be made fails the run (limits that were promised must
+        apply).
+        """
+        if not self.cgroups.available:
+            return await self._read_info(run, proc)
+        creating = asyncio.ensure_future(
+            asyncio.to_thread(self.cgroups.create, run.req.task_id, run.req.limits)
+        )
+        try:
+            return await self._read_info(run, proc)
+        finally:
+            try:
+                run.cgroup = await asyncio.shield(creating)
+            except OSError as exc:
+                run.error = run.error or f"sandbox: cannot create cgroup: {exc}"
+
+    async def _place_and_gate(self, run: _Run, proc: _Proc, gate: Awaitable[None] | None) -> bool:
+        """Confine the blocked child (in a worker thread: off the loop), then pass the gate."""
+        if not await asyncio.to_thread(self._place, run, proc):
+            return False
+        if gate is not None:
+            try:
+                await gate
+            except Exception as exc:
+                run.error = f"sandbox: not started: {exc}"
+                return False
+        return True
+
     def _place(self, run: _Run, proc: _Proc) -> bool:
-        """Move bwrap and its blocked child into the cgroup and rlimit the child."""
+        """Move bwrap's blocked child into the cgroup and rlimit it.
+
+        The child is the sandbox's pid 1 and every process of the command
+        descends from it; bwrap's own monitor process stays outside (it
+        runs nothing of the caller's and exits with the child).
+        """
         child = run.child_pid
         if child is None:
             return False
         cg = run.cgroup
+        if cg is None and self.cgroups.available:
+            return False  # run.error says why
         try:
             # While the child is blocked it cannot exit, so its pid is its own
             # and its parent is bwrap (not the subreaper shim, if one is used).
             run.child_pidfd = os.pidfd_open(child)
             run.bwrap_pid = _bwrap_pid(proc, child)
             if cg is not None:
-                cg.attach(run.bwrap_pid)
                 cg.attach(child)
             current = {res: resource.prlimit(child, res) for res in _RLIMITS}
             ctrls = self.cgroups.controllers if cg is not None else frozenset()
@@ -901,6 +972,14 @@ class BwrapSandbox:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(proc.reaper.exited), self.kill_grace_s)
         await self._kill_tree(run)
+
+    async def _drained(self, proc: _Proc, timeout_s: float) -> bool:
+        """Whether both output pipes reach EOF within ``timeout_s``."""
+        pending = [p.done for p in proc.pumps if not p.done.done()]
+        if not pending:
+            return True
+        done, _ = await asyncio.wait(pending, timeout=timeout_s)
+        return len(done) == len(pending)
 
     async def _drain(self, proc: _Proc) -> None:
         with contextlib.suppress(TimeoutError):
@@ -968,6 +1047,8 @@ class BwrapSandbox:
         _close(run.child_pidfd)
         run.child_pidfd = -1
         if run.cgroup is not None:
+            if _remove_if_empty(run.cgroup):
+                return
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(_kill_and_remove, run.cgroup)
 
@@ -1072,6 +1153,21 @@ def _release(dev_dir: str | None, cgroups: CgroupManager) -> None:
 def _kill_and_remove(cg: TaskCgroup) -> None:
     cg.kill()
     cg.remove()
+
+
+def _remove_if_empty(cg: TaskCgroup) -> bool:
+    """rmdir an already empty task cgroup right away (no worker thread, no retry).
+
+    The common case: the command and bwrap are gone.  The kernel refuses
+    to remove a cgroup that still has members (EBUSY), so anything else (a
+    member left, or a dying one still pinning a directory) returns False
+    and takes the slow path with kill and retries.
+    """
+    try:
+        cg.remove(timeout_s=0.0)
+    except OSError:
+        return False
+    return True
 
 
 async def _bwrap_version(path: str) -> str:

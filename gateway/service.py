@@ -166,7 +166,23 @@ class Gateway:
         ``visibility`` marks a question asked only to show the subject what it
         may do (:meth:`may`): audited with ``"visibility": true`` and left out
         of the allow/deny counter, so listing tools cannot look like probing.
+        The decision record is durable when this returns.
         """
+        decision, durable = await self._decide(action, subject, ctx, visibility, details)
+        await self._until_durable(durable)
+        if not decision.allow:
+            raise _denied(decision)
+        return decision
+
+    async def _decide(
+        self,
+        action: str,
+        subject: Subject,
+        ctx: RequestContext,
+        visibility: bool,
+        details: Mapping[str, Any],
+    ) -> tuple[Decision, asyncio.Future[None]]:
+        """Decide and append the decision record; the future ends once it is durable."""
         doc = build_policy_input(
             action,
             subject,
@@ -198,13 +214,14 @@ class Gateway:
                 span.set_attribute("mcp.policy.decision_id", decision.decision_id)
             if decision.revision:
                 span.set_attribute("mcp.policy.revision", decision.revision)
-            await self._audit_decision(action, subject, ctx, doc, decision, visibility)
-        if not decision.allow:
-            raise PermissionDenied(
-                "denied by policy: " + "; ".join(decision.deny_reasons or ("no reason given",)),
-                reasons=list(decision.deny_reasons),
-            )
-        return decision
+            durable = await self._audit_decision(action, subject, ctx, doc, decision, visibility)
+        return decision, durable
+
+    async def _until_durable(self, durable: asyncio.Future[None]) -> None:
+        try:
+            await asyncio.shield(durable)
+        except McpError as exc:
+            raise Unavailable("the audit log cannot be written; nothing was done") from exc
 
     async def may(self, action: str, subject: Subject, ctx: RequestContext) -> bool:
         """Whether the policy lets ``subject`` perform ``action`` at all (decided, audited).
@@ -235,7 +252,7 @@ class Gateway:
         doc: Mapping[str, Any],
         decision: Decision,
         visibility: bool = False,
-    ) -> None:
+    ) -> asyncio.Future[None]:
         record: dict[str, Any] = {
             "action": action,
             "subject": subject.id,
@@ -254,17 +271,28 @@ class Gateway:
         }
         if visibility:
             record["visibility"] = True
-        await self._audit_or_unavailable("policy.decision", record)
+        try:
+            _, durable = await self.audit.append("policy.decision", record)
+        except Exception as exc:
+            self._audit_failed(exc, "policy.decision")
+            raise Unavailable("the audit log cannot be written; nothing was done") from exc
+        durable.add_done_callback(self._count_unsynced_decision)
+        return durable
+
+    def _audit_failed(self, exc: BaseException, event: str) -> None:
+        self.metrics.audit_failures.inc()
+        log.error("audit write failed", error=str(exc), audit_event=event)
+
+    def _count_unsynced_decision(self, durable: asyncio.Future[None]) -> None:
+        if not durable.cancelled() and durable.exception() is not None:
+            self._audit_failed(durable.exception() or Exception(), "policy.decision")
 
     async def _audit_or_unavailable(self, event: str, fields: Mapping[str, Any]) -> None:
-        started = time.perf_counter()
         try:
             await self.audit.write(event, fields)
         except Exception as exc:
-            self.metrics.audit_failures.inc()
-            log.error("audit write failed", error=str(exc), audit_event=event)
+            self._audit_failed(exc, event)
             raise Unavailable("the audit log cannot be written; nothing was done") from exc
-        self.metrics.audit_write_seconds.observe(time.perf_counter() - started)
 
     async def reject(self, subject: Subject | None, ctx: RequestContext, error: McpError) -> None:
         """Audit a request refused before any decision (bad input, auth, capacity)."""
@@ -286,9 +314,15 @@ class Gateway:
     async def execute(self, subject: Subject, spec: CommandSpec, ctx: RequestContext) -> TaskRecord:
         """Decide, audit, queue.  Returns the QUEUED task record."""
         self.tasks.check_capacity()
-        decision = await self.decide("command.execute", subject, ctx, command=spec)
+        decision, durable = await self._decide(
+            "command.execute", subject, ctx, False, {"command": spec}
+        )
+        if not decision.allow:
+            await self._until_durable(durable)
+            raise _denied(decision)
         limits = grant_limits(self.config.sandbox.limits, spec, decision.limits)
-        workspace = await asyncio.to_thread(self.workspaces.path_for, subject.id)
+        # A mkdir that finds the directory and an lstat: cheaper than a thread hop.
+        workspace = self.workspaces.path_for(subject.id)
         task_id = self.task_ids.new()
         request = SandboxRequest(
             task_id=task_id,
@@ -308,7 +342,9 @@ class Gateway:
             transport=ctx.transport,
             timeout_s=limits.timeout_s,
         )
-        return await self.tasks.submit(record, request)
+        # The sandbox is set up while the decision record is fsynced; the
+        # command starts only once it is durable (the gate).
+        return await self.tasks.submit(record, request, gate=durable)
 
     def _record(self, task_id: str) -> TaskRecord:
         """The task, or NOT_FOUND; a task another node started is reported LOST."""
@@ -545,3 +581,10 @@ class Gateway:
         if not os.access(self.config.audit_path, os.W_OK):
             raise Unavailable("the audit log is not writable")
         return {"free_bytes": usage.free}
+
+
+def _denied(decision: Decision) -> PermissionDenied:
+    return PermissionDenied(
+        "denied by policy: " + "; ".join(decision.deny_reasons or ("no reason given",)),
+        reasons=list(decision.deny_reasons),
+    )

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 
@@ -53,6 +53,7 @@ class _Live:
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     cancel_reason: str = ""
     queue_wait_s: float = 0.0
+    gate: Awaitable[None] | None = None  # the decision record's durability
 
     def append(self, stream: Stream, data: bytes) -> None:
         self.chunks.append(OutputChunk(stream, data, self.sizes[stream]))
@@ -167,13 +168,23 @@ class TaskManager:
                 f"task queue is full ({self._max_queue} waiting); retry later", retry_after=1.0
             )
 
-    async def submit(self, record: TaskRecord, request: SandboxRequest) -> TaskRecord:
-        """Queue a task whose decision is already audited; return its record."""
+    async def submit(
+        self,
+        record: TaskRecord,
+        request: SandboxRequest,
+        *,
+        gate: Awaitable[None] | None = None,
+    ) -> TaskRecord:
+        """Queue a task whose decision is audited; return its record.
+
+        ``gate`` (the decision record's durability) is awaited by the
+        sandbox before the command starts; it may still be pending now.
+        """
         self.check_capacity()
         now = self._clock()
         record.created_at = now
         record.state = TaskState.QUEUED
-        live = _Live(record=record, request=request)
+        live = _Live(record=record, request=request, gate=gate)
         self._live[record.id] = live
         self._queued += 1
         self._metrics.tasks_queued.set(self._queued)
@@ -181,6 +192,7 @@ class TaskManager:
         await self._audit.write(
             "task.queued",
             {"task_id": record.id, "owner": record.owner, "request_id": record.request_id},
+            sync=False,
         )
         runner = asyncio.create_task(self._run(live), name=f"task-{record.id}")
         self._runners.add(runner)
@@ -234,16 +246,12 @@ class TaskManager:
         record.started_at = self._clock()
         self._store.put(record)
         live.wake()
-        # The decision record is already on disk; the RUNNING record is written
-        # while the sandbox starts (the audit lock keeps it ahead of the final
-        # record) and is awaited before the result is reported.
-        running = asyncio.create_task(
-            self._audit.write("task.running", {"task_id": record.id, "owner": record.owner})
+        # The decision record is already durable; transitions are appended
+        # in order and fsynced in the background (group commit).
+        await self._audit.write(
+            "task.running", {"task_id": record.id, "owner": record.owner}, sync=False
         )
-        try:
-            result = await self._sandbox.run(live.request, live.append, live.cancel)
-        finally:
-            await running
+        result = await self._sandbox.run(live.request, live.append, live.cancel, gate=live.gate)
         if result.error is not None:
             self._metrics.sandbox_failures.inc()
         return result
@@ -284,6 +292,7 @@ class TaskManager:
                     "cpu_time_s": record.cpu_time_s,
                     "max_rss_bytes": record.max_rss_bytes,
                 },
+                sync=False,
             )
         finally:
             live.done.set()

@@ -130,6 +130,34 @@ async def test_concurrent_writers_form_one_chain(log_path: Path) -> None:
     assert verify_file(log_path).ok
 
 
+async def test_concurrent_writers_share_fsyncs(log_path: Path) -> None:
+    """Group commit: concurrent durable writes share fsync rounds, and each returns durable."""
+    latencies: list[float] = []
+    log = AuditLog(log_path, on_latency=latencies.append)
+    await asyncio.gather(*(log.write("burst", {"task": i}) for i in range(200)))
+    rounds = log.fsync_rounds
+    assert 1 <= rounds < 200
+    # Every awaited write had its fsync round finish before it returned.
+    assert len(latencies) == 200
+    await log.close()
+    assert verify_file(log_path).ok
+
+
+async def test_background_record_is_in_the_file_when_write_returns(log_path: Path) -> None:
+    """sync=False: the line is in the file (a crash of the process cannot lose it) at once,
+    and the fsync follows in the background."""
+    latencies: list[float] = []
+    log = AuditLog(log_path, on_latency=latencies.append)
+    await log.write("first", {})
+    digest = await log.write("task.running", {"task_id": "t"}, sync=False)
+    last = lines_of(log_path)[-1]
+    assert sha(last) == digest
+    assert json.loads(last)["event"] == "task.running"
+    await log.close()  # waits for the background fsync
+    assert len(latencies) == 2
+    assert verify_file(log_path).ok
+
+
 async def test_cancelled_writers_keep_the_chain_valid(log_path: Path) -> None:
     """Cancelling writers mid-flight never forks or breaks the chain."""
     log = AuditLog(log_path)

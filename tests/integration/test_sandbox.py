@@ -275,14 +275,14 @@ def test_base_dir(root: str, own: str, parent: str, expected: str | None) -> Non
 
 @unit
 def test_limit_files() -> None:
-    """Limits become the v2/v1 control-file writes, bwrap's 2 processes added to pids."""
+    """Limits become the v2/v1 control-file writes, bwrap's pid 1 added to pids."""
     limits = Limits(memory_bytes=1 << 26, pids=10, cpu_quota=0.5)
     v2 = {f: v for f, v, _ in cg.v2_limit_files(limits, {"memory", "pids", "cpu"})}
     assert v2 == {
         "memory.max": str(1 << 26),
         "memory.swap.max": "0",
         "memory.oom.group": "1",
-        "pids.max": "12",
+        "pids.max": "11",
         "cpu.max": "50000 100000",
     }
     assert cg.v2_limit_files(limits, set()) == []
@@ -361,6 +361,55 @@ async def test_exit_code_and_streams(any_sandbox: BwrapSandbox, workspace: str) 
     assert (result.stdout_bytes, result.stderr_bytes) == (4, 4)
     assert not result.timed_out
     assert not result.cancelled
+
+
+@integration
+async def test_gate_holds_the_command_until_it_ends(
+    any_sandbox: BwrapSandbox, workspace: str
+) -> None:
+    """The sandbox is set up while the gate is pending; the command starts only after it."""
+    opened = asyncio.get_running_loop().create_future()
+    marker = os.path.join(workspace, "ran")
+
+    async def gate() -> None:
+        await asyncio.sleep(0.3)
+        # Still held: the command (which creates the marker) has not run.
+        opened.set_result(os.path.exists(marker))  # noqa: ASYNC240
+
+    req = SandboxRequest(
+        task_id="test-" + secrets.token_hex(4),
+        argv=("touch", "/workspace/ran"),
+        workspace=workspace,
+        limits=LIMITS,
+    )
+    result = await any_sandbox.run(req, Collected(), asyncio.Event(), gate=gate())
+    assert (result.exit_code, result.error) == (0, None)
+    assert opened.result() is False
+    assert os.path.exists(marker)  # noqa: ASYNC240
+
+
+@integration
+async def test_failed_gate_means_the_command_never_runs(
+    any_sandbox: BwrapSandbox, workspace: str
+) -> None:
+    """A gate that raises (the decision record could not be made durable): nothing runs."""
+
+    async def gate() -> None:
+        raise Unavailable("the audit log cannot be written")
+
+    token = secrets.token_hex(6)
+    req = SandboxRequest(
+        task_id="test-" + secrets.token_hex(4),
+        argv=("sh", "-c", f"touch /workspace/{token}; sleep 30 # {token}"),
+        workspace=workspace,
+        limits=LIMITS,
+    )
+    result = await any_sandbox.run(req, Collected(), asyncio.Event(), gate=gate())
+    assert result.error is not None
+    assert "not started" in result.error
+    assert "audit log" in result.error
+    assert not os.path.exists(os.path.join(workspace, token))  # noqa: ASYNC240
+    assert survivors(token) == []
 
 
 @integration
@@ -718,9 +767,9 @@ def test_cgroup_lifecycle(requested: cg.Requested) -> None:
             path = os.path.join(task.v1_dirs["memory"], "memory.limit_in_bytes")
             assert Path(path).read_text().strip() == str(64 << 20)
         if "pids" in task.v1_dirs:
-            assert Path(task.v1_dirs["pids"], "pids.max").read_text().strip() == "9"
+            assert Path(task.v1_dirs["pids"], "pids.max").read_text().strip() == "8"
         if "pids" in manager.v2_controllers and task.v2_dir:
-            assert Path(task.v2_dir, "pids.max").read_text().strip() == "9"
+            assert Path(task.v2_dir, "pids.max").read_text().strip() == "8"
         sleeper = subprocess.Popen(["sleep", "1000"])
         try:
             task.attach(sleeper.pid)
