@@ -179,6 +179,7 @@ async def open_gateway(config: Config, parts: Components | None = None) -> Async
         await policy.close()
         store.close()
         if owned_sandbox is not None:
+            await owned_sandbox.settle()
             owned_sandbox.close()
         await audit.close()
         if parts.tracing is None:

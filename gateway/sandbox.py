@@ -58,8 +58,10 @@ inside the pid namespace.  That costs one short-lived interpreter per run,
 only on hosts without usable cgroups.
 
 bwrap's ``--die-with-parent`` uses ``PR_SET_PDEATHSIG``, which fires when the
-*thread* that forked bwrap exits, so spawning happens on the event-loop
-thread, never in a worker thread.
+*thread* that forked bwrap exits, so every bwrap is forked by one dedicated
+thread that lives as long as the process (:class:`_Spawner`), never by a
+pool worker that could retire while its sandboxes run.  Forking there also
+keeps the fork/exec wait off the event loop.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ import dataclasses
 import errno
 import json
 import os
+import queue
 import resource
 import shutil
 import signal
@@ -77,10 +80,13 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+import structlog
 
 from gateway import bwrap as bw
 from gateway.cgroups import CgroupManager, Requested, TaskCgroup
@@ -102,6 +108,8 @@ __all__ = [
 ]
 
 OutputCallback = Callable[[Stream, bytes], None]
+_T = TypeVar("_T")
+log = structlog.get_logger("gateway.sandbox")
 
 # How much of stderr is kept to recognise bwrap's own error messages.
 _STDERR_HEAD = 4096
@@ -547,6 +555,81 @@ class _Reaper:
 
 
 @dataclasses.dataclass(slots=True)
+class _Spawned:
+    """What the spawner thread hands back: bwrap and the parent-side fds."""
+
+    popen: subprocess.Popen[bytes]
+    block_w: int
+    info_r: int
+    out_r: int
+    err_r: int
+    report_r: int
+
+
+def _discard_spawned(pending: asyncio.Future[_Spawned]) -> None:
+    """A spawn whose run was cancelled meanwhile: kill bwrap (still blocked) and let go."""
+    if pending.cancelled() or pending.exception() is not None:
+        return
+    spawned = pending.result()
+    with contextlib.suppress(OSError):
+        os.killpg(spawned.popen.pid, signal.SIGKILL)
+    _close(spawned.block_w, spawned.info_r, spawned.out_r, spawned.err_r, spawned.report_r)
+    threading.Thread(target=spawned.popen.wait, name="bwrap-reap", daemon=True).start()
+
+
+class _Spawner:
+    """The one thread that forks every bwrap, for the whole life of the process.
+
+    bwrap's ``--die-with-parent`` is ``PR_SET_PDEATHSIG``, which fires when
+    the *thread* that forked bwrap exits; this thread never exits before the
+    process does, so a sandbox dies exactly when the gateway does.  (A pool
+    worker could retire while its sandboxes still run.)
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]]
+        ] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, loop: asyncio.AbstractEventLoop, job: Callable[[], _T]) -> asyncio.Future[_T]:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="sandbox-spawn", daemon=True
+                )
+                self._thread.start()
+        done: asyncio.Future[_T] = loop.create_future()
+        self._jobs.put((loop, done, job))
+        return done
+
+    def _serve(self) -> None:
+        while True:
+            loop, done, job = self._jobs.get()
+            try:
+                outcome: tuple[Any, BaseException | None] = (job(), None)
+            except BaseException as exc:  # handed to the waiting coroutine
+                outcome = (None, exc)
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, done, outcome)
+
+
+def _settle(done: asyncio.Future[Any], outcome: tuple[Any, BaseException | None]) -> None:
+    if done.cancelled():
+        return
+    result, error = outcome
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)
+
+
+# One per process: see _Spawner.
+_SPAWNER = _Spawner()
+
+
+@dataclasses.dataclass(slots=True)
 class _Proc:
     """The spawned bwrap and the parent-side ends of its fds."""
 
@@ -608,10 +691,14 @@ class BwrapSandbox:
         self.layout = bw.HostLayout.probe()
         self.cgroups = cgroup_manager or CgroupManager.detect(cgroup_parent, cgroups)
         self.dev_dir = _make_dev_dir(dev_dir_parent) if os.geteuid() == 0 else None
+        self._spawner = _SPAWNER
+        self._cleaner = _Cleaner()
         self._passwd = bw.synthetic_passwd()
         self._group = bw.synthetic_group()
         # Also at garbage collection / interpreter exit, for owners that never call close().
-        self._finalizer = weakref.finalize(self, _release, self.dev_dir, self.cgroups)
+        self._finalizer = weakref.finalize(
+            self, _release, self.dev_dir, self.cgroups, self._cleaner
+        )
 
     def close(self) -> None:
         """Remove the private device nodes and the (empty) cgroup base directories.
@@ -654,7 +741,7 @@ class BwrapSandbox:
             "stderr": OutputCap(lim.output_bytes),
         }
         with self.tracing.span("sandbox.spawn") as span:
-            proc = self._spawn(run, asyncio.get_running_loop(), caps, on_output)
+            proc = await self._spawn(run, asyncio.get_running_loop(), caps, on_output)
             if proc is None:
                 span.set_attribute("mcp.sandbox.error", run.error or "")
                 return self._result(run, caps, None)
@@ -724,15 +811,62 @@ class BwrapSandbox:
             with contextlib.suppress(asyncio.CancelledError):
                 await cancel_wait
 
-    def _spawn(
+    async def _spawn(
         self,
         run: _Run,
         loop: asyncio.AbstractEventLoop,
         caps: dict[Stream, OutputCap],
         on_output: OutputCallback,
     ) -> _Proc | None:
-        """Start bwrap (blocked before the command); None with ``run.error`` on failure."""
-        req = run.req
+        """Start bwrap (blocked before the command); None with ``run.error`` on failure.
+
+        The fds are made and bwrap is forked on the spawner thread (a fork
+        and exec block their caller until bwrap runs: not the event loop's
+        business); its output pumps and reaper are then set up here.
+        """
+        pending = self._spawner.submit(loop, lambda: self._popen(run.req))
+        try:
+            spawned = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            pending.add_done_callback(_discard_spawned)
+            raise
+        except OSError as exc:
+            run.error = f"sandbox: cannot start bwrap: {exc.strerror or exc}"
+            return None
+        popen = spawned.popen
+        try:
+            reaper = _Reaper(loop, popen)
+        except OSError as exc:
+            # Without a reaper we cannot supervise it: kill it (it is still
+            # blocked before the command) and reap it.
+            with contextlib.suppress(OSError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            await asyncio.to_thread(popen.wait)
+            _close(spawned.block_w, spawned.info_r, spawned.out_r, spawned.err_r, spawned.report_r)
+            run.error = f"sandbox: cannot supervise bwrap: {exc.strerror or exc}"
+            return None
+        return _Proc(
+            popen=popen,
+            reaper=reaper,
+            pumps=(
+                _Pump(loop, spawned.out_r, "stdout", caps["stdout"], on_output, self.chunk_bytes),
+                _Pump(
+                    loop,
+                    spawned.err_r,
+                    "stderr",
+                    caps["stderr"],
+                    on_output,
+                    self.chunk_bytes,
+                    keep_head=_STDERR_HEAD,
+                ),
+            ),
+            block_w=spawned.block_w,
+            info_r=spawned.info_r,
+            report_r=spawned.report_r,
+        )
+
+    def _popen(self, req: SandboxRequest) -> _Spawned:
+        """Make bwrap's fds and fork it (spawner thread); raises OSError, leaking nothing."""
         child_fds: list[int] = []
         parent_fds: list[int] = []
         try:
@@ -778,7 +912,6 @@ class BwrapSandbox:
                 parent_fds.append(report_r)
                 pass_fds.append(report_w)
                 argv = [sys.executable, "-I", "-S", "-c", _SUBREAPER_SHIM, str(report_w), *argv]
-            # Spawned on the loop thread: see the module docstring (PDEATHSIG).
             popen = subprocess.Popen(
                 argv,
                 stdin=stdin,
@@ -790,42 +923,13 @@ class BwrapSandbox:
                 env={},
                 cwd="/",
             )
-        except OSError as exc:
-            _close(*child_fds, *parent_fds)
-            run.error = f"sandbox: cannot start bwrap: {exc.strerror or exc}"
-            return None
-        # bwrap holds its own copies now; ours would keep pipes from reaching EOF.
-        _close(*child_fds)
-        try:
-            reaper = _Reaper(loop, popen)
-        except OSError as exc:
-            # Without a reaper we cannot supervise it: kill it (it is still
-            # blocked before the command) and reap it synchronously.
-            with contextlib.suppress(OSError):
-                os.killpg(popen.pid, signal.SIGKILL)
-            popen.wait()
+        except OSError:
             _close(*parent_fds)
-            run.error = f"sandbox: cannot supervise bwrap: {exc.strerror or exc}"
-            return None
-        return _Proc(
-            popen=popen,
-            reaper=reaper,
-            pumps=(
-                _Pump(loop, out_r, "stdout", caps["stdout"], on_output, self.chunk_bytes),
-                _Pump(
-                    loop,
-                    err_r,
-                    "stderr",
-                    caps["stderr"],
-                    on_output,
-                    self.chunk_bytes,
-                    keep_head=_STDERR_HEAD,
-                ),
-            ),
-            block_w=block_w,
-            info_r=info_r,
-            report_r=report_r,
-        )
+            raise
+        finally:
+            # bwrap holds its own copies now; ours would keep pipes from reaching EOF.
+            _close(*child_fds)
+        return _Spawned(popen, block_w, info_r, out_r, err_r, report_r)
 
     async def _read_info(self, run: _Run, proc: _Proc) -> bytes:
         """bwrap's info document, as soon as it is complete (or all there is, at EOF).
@@ -1047,10 +1151,17 @@ class BwrapSandbox:
         _close(run.child_pidfd)
         run.child_pidfd = -1
         if run.cgroup is not None:
-            if _remove_if_empty(run.cgroup):
+            if proc is not None and proc.reaper.exited.done():
+                # The usual end: bwrap is gone, the result is ready; removing
+                # the (normally empty) cgroup need not delay it.
+                self._cleaner.remove(run.cgroup)
                 return
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(_kill_and_remove, run.cgroup)
+
+    async def settle(self) -> None:
+        """Wait until the task cgroups of finished runs are removed."""
+        await asyncio.to_thread(self._cleaner.join)
 
     # -- self-test -----------------------------------------------------------------------
 
@@ -1144,30 +1255,52 @@ def _shim_report(proc: _Proc, end: _Exit) -> _Exit:
         return _Exit(end.status, end.cpu_s, end.maxrss_bytes)
 
 
-def _release(dev_dir: str | None, cgroups: CgroupManager) -> None:
+def _release(dev_dir: str | None, cgroups: CgroupManager, cleaner: _Cleaner) -> None:
+    cleaner.join()
     if dev_dir is not None:
         shutil.rmtree(dev_dir, ignore_errors=True)
     cgroups.close()
 
 
+class _Cleaner:
+    """A thread that kills and removes the task cgroups of finished runs, off their path.
+
+    Independent of any event loop, so a run's result never waits for its
+    rmdir and nothing is dropped when a loop ends; :meth:`join` waits for
+    what is queued (at close).
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[TaskCgroup] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def remove(self, cg: TaskCgroup) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="cgroup-clean", daemon=True
+                )
+                self._thread.start()
+        self._jobs.put(cg)
+
+    def join(self) -> None:
+        self._jobs.join()
+
+    def _serve(self) -> None:
+        while True:
+            cg = self._jobs.get()
+            try:
+                _kill_and_remove(cg)
+            except OSError as exc:
+                log.warning("task cgroup not removed", error=str(exc))
+            finally:
+                self._jobs.task_done()
+
+
 def _kill_and_remove(cg: TaskCgroup) -> None:
     cg.kill()
     cg.remove()
-
-
-def _remove_if_empty(cg: TaskCgroup) -> bool:
-    """rmdir an already empty task cgroup right away (no worker thread, no retry).
-
-    The common case: the command and bwrap are gone.  The kernel refuses
-    to remove a cgroup that still has members (EBUSY), so anything else (a
-    member left, or a dying one still pinning a directory) returns False
-    and takes the slow path with kill and retries.
-    """
-    try:
-        cg.remove(timeout_s=0.0)
-    except OSError:
-        return False
-    return True
 
 
 async def _bwrap_version(path: str) -> str:

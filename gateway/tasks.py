@@ -244,10 +244,12 @@ class TaskManager:
         record = live.record
         record.state = TaskState.RUNNING
         record.started_at = self._clock()
-        self._store.put(record)
+        # Not persisted here: readers of a live task get it from memory, and a
+        # task the store still holds as QUEUED after a crash is failed as an
+        # orphan all the same (one SQLite commit less per task).
         live.wake()
-        # The decision record is already durable; transitions are appended
-        # in order and fsynced in the background (group commit).
+        # The decision record is appended and its fsync gates the command;
+        # transitions are appended in order and fsynced in the background.
         await self._audit.write(
             "task.running", {"task_id": record.id, "owner": record.owner}, sync=False
         )
