@@ -74,6 +74,7 @@ import json
 import os
 import queue
 import resource
+import select
 import shutil
 import signal
 import stat
@@ -373,19 +374,15 @@ def _parent_pid(pid: int) -> int:
     raise ProcessLookupError(errno.ESRCH, f"no PPid for {pid}")
 
 
-def _bwrap_pid(proc: _Proc, child: int) -> int:
-    """bwrap's pid: the parent of ``child``, which must be our child (or the shim's).
+def _bwrap_pid(spawned: int, child: int, *, shim: bool) -> int:
+    """bwrap's pid: the parent of ``child``, which must be our child ``spawned`` (or the shim's).
 
     Checked, because if bwrap had died meanwhile ``child`` would have been
     reparented (to the shim, or to the host's init), and that process must
     never be moved into a task cgroup.
     """
-    spawned = proc.popen.pid
     parent = _parent_pid(child)
-    if proc.report_r < 0:
-        ok = parent == spawned
-    else:
-        ok = parent != spawned and _parent_pid(parent) == spawned
+    ok = (parent != spawned and _parent_pid(parent) == spawned) if shim else parent == spawned
     if not ok:
         raise ProcessLookupError(errno.ESRCH, "bwrap exited during setup")
     return parent
@@ -564,26 +561,94 @@ class _Spawned:
     out_r: int
     err_r: int
     report_r: int
+    cgroup: TaskCgroup | None = None
+    child_pid: int | None = None  # bwrap's child: pid 1 of the sandbox
+    child_pidfd: int = -1
+    bwrap_pid: int | None = None
+    error: str | None = None  # why the command must not run
 
 
 def _discard_spawned(pending: asyncio.Future[_Spawned]) -> None:
-    """A spawn whose run was cancelled meanwhile: kill bwrap (still blocked) and let go."""
-    if pending.cancelled() or pending.exception() is not None:
-        return
-    spawned = pending.result()
+    """A start whose run was cancelled meanwhile: undo it."""
+    if not pending.cancelled() and pending.exception() is None:
+        _discard(pending.result())
+
+
+def _discard(spawned: _Spawned) -> None:
+    """Kill a bwrap that never ran its command (still blocked) and release what it had."""
     with contextlib.suppress(OSError):
         os.killpg(spawned.popen.pid, signal.SIGKILL)
-    _close(spawned.block_w, spawned.info_r, spawned.out_r, spawned.err_r, spawned.report_r)
-    threading.Thread(target=spawned.popen.wait, name="bwrap-reap", daemon=True).start()
+    if spawned.child_pidfd >= 0:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(spawned.child_pidfd, signal.SIGKILL)
+    _close(
+        spawned.block_w,
+        spawned.info_r,
+        spawned.out_r,
+        spawned.err_r,
+        spawned.report_r,
+        spawned.child_pidfd,
+    )
+    cg = spawned.cgroup
+
+    def reap() -> None:
+        spawned.popen.wait()
+        if cg is not None:
+            with contextlib.suppress(OSError):
+                _kill_and_remove(cg)
+
+    threading.Thread(target=reap, name="bwrap-reap", daemon=True).start()
+
+
+def _read_info(fd: int, timeout_s: float) -> bytes | None:
+    """bwrap's info document from ``fd`` (blocking, bounded), or None on timeout.
+
+    bwrap's parent writes the whole JSON object right after it cloned the
+    child, while the child is still setting the sandbox up; reading up to
+    EOF would also wait for the child to close its copy of the fd, at the
+    end of its setup.  Returning on the first complete object lets the
+    cgroup placement overlap that setup.  At EOF, whatever came is returned.
+    """
+    deadline = time.monotonic() + timeout_s
+    data = bytearray()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            return None
+        try:
+            chunk = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        if not chunk or len(data) >= 65536:
+            return bytes(data)
+        data.extend(chunk)
+        if data.rstrip().endswith(b"}") and parse_info(bytes(data)) is not None:
+            return bytes(data)
+
+
+async def _passed(run: _Run, gate: Awaitable[None] | None) -> bool:
+    """Whether the gate (if any) ended well; ``run.error`` says why not."""
+    if gate is None:
+        return True
+    try:
+        await gate
+    except Exception as exc:
+        run.error = f"sandbox: not started: {exc}"
+        return False
+    return True
 
 
 class _Spawner:
-    """The one thread that forks every bwrap, for the whole life of the process.
+    """The threads that start every bwrap, each for the whole life of the process.
 
     bwrap's ``--die-with-parent`` is ``PR_SET_PDEATHSIG``, which fires when
-    the *thread* that forked bwrap exits; this thread never exits before the
-    process does, so a sandbox dies exactly when the gateway does.  (A pool
-    worker could retire while its sandboxes still run.)
+    the *thread* that forked bwrap exits; these threads never exit before
+    the process does, so a sandbox dies exactly when the gateway does.  (A
+    pool worker could retire while its sandboxes still run.)  A start
+    blocks its thread until bwrap reports its child, so there are
+    :data:`_SPAWN_THREADS` of them, started as needed.
     """
 
     def __init__(self) -> None:
@@ -591,28 +656,41 @@ class _Spawner:
             tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]]
         ] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads = 0
+        self._idle = 0
 
     def submit(self, loop: asyncio.AbstractEventLoop, job: Callable[[], _T]) -> asyncio.Future[_T]:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._serve, name="sandbox-spawn", daemon=True
-                )
-                self._thread.start()
         done: asyncio.Future[_T] = loop.create_future()
+        with self._lock:
+            if self._idle == 0 and self._threads < _SPAWN_THREADS:
+                self._threads += 1
+                self._idle += 1
+                threading.Thread(
+                    target=self._serve, name=f"sandbox-spawn-{self._threads}", daemon=True
+                ).start()
         self._jobs.put((loop, done, job))
         return done
 
     def _serve(self) -> None:
         while True:
             loop, done, job = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
             try:
                 outcome: tuple[Any, BaseException | None] = (job(), None)
             except BaseException as exc:  # handed to the waiting coroutine
                 outcome = (None, exc)
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+            with self._lock:
+                self._idle += 1
+            try:
                 loop.call_soon_threadsafe(_settle, done, outcome)
+            except RuntimeError:  # that loop is closed: nobody waits
+                if isinstance(outcome[0], _Spawned):
+                    _discard(outcome[0])
+
+
+# Concurrent starts (each waits for its bwrap to clone its child).
+_SPAWN_THREADS = 8
 
 
 def _settle(done: asyncio.Future[Any], outcome: tuple[Any, BaseException | None]) -> None:
@@ -637,7 +715,6 @@ class _Proc:
     reaper: _Reaper
     pumps: tuple[_Pump, _Pump]  # stdout, stderr
     block_w: int
-    info_r: int
     report_r: int = -1  # the subreaper shim's report (only without cgroups)
 
 
@@ -746,10 +823,7 @@ class BwrapSandbox:
                 span.set_attribute("mcp.sandbox.error", run.error or "")
                 return self._result(run, caps, None)
             run.proc = proc
-            # The task cgroup is made while bwrap sets the sandbox up.
-            info = await self._read_info_and_cgroup(run, proc)
-            run.child_pid = parse_info(info)
-            if run.child_pid is None or not await self._place_and_gate(run, proc, gate):
+            if run.child_pid is None or run.error is not None or not await _passed(run, gate):
                 # bwrap failed (or is stuck) before reporting its child, or the
                 # child could not be confined: it must never run the command.
                 self._kill_now(run)
@@ -824,7 +898,7 @@ class BwrapSandbox:
         and exec block their caller until bwrap runs: not the event loop's
         business); its output pumps and reaper are then set up here.
         """
-        pending = self._spawner.submit(loop, lambda: self._popen(run.req))
+        pending = self._spawner.submit(loop, lambda: self._start(run.req))
         try:
             spawned = await asyncio.shield(pending)
         except asyncio.CancelledError:
@@ -833,6 +907,11 @@ class BwrapSandbox:
         except OSError as exc:
             run.error = f"sandbox: cannot start bwrap: {exc.strerror or exc}"
             return None
+        run.cgroup = spawned.cgroup
+        run.child_pid = spawned.child_pid
+        run.child_pidfd = spawned.child_pidfd
+        run.bwrap_pid = spawned.bwrap_pid
+        run.error = spawned.error
         popen = spawned.popen
         try:
             reaper = _Reaper(loop, popen)
@@ -842,7 +921,7 @@ class BwrapSandbox:
             with contextlib.suppress(OSError):
                 os.killpg(popen.pid, signal.SIGKILL)
             await asyncio.to_thread(popen.wait)
-            _close(spawned.block_w, spawned.info_r, spawned.out_r, spawned.err_r, spawned.report_r)
+            _close(spawned.block_w, spawned.out_r, spawned.err_r, spawned.report_r)
             run.error = f"sandbox: cannot supervise bwrap: {exc.strerror or exc}"
             return None
         return _Proc(
@@ -861,7 +940,6 @@ class BwrapSandbox:
                 ),
             ),
             block_w=spawned.block_w,
-            info_r=spawned.info_r,
             report_r=spawned.report_r,
         )
 
@@ -931,112 +1009,65 @@ class BwrapSandbox:
             _close(*child_fds)
         return _Spawned(popen, block_w, info_r, out_r, err_r, report_r)
 
-    async def _read_info(self, run: _Run, proc: _Proc) -> bytes:
-        """bwrap's info document, as soon as it is complete (or all there is, at EOF).
+    def _start(self, req: SandboxRequest) -> _Spawned:
+        """Spawn bwrap, make the task cgroup, wait for bwrap's child and confine it.
 
-        bwrap's parent writes the whole JSON object right after it cloned
-        the child, while the child is still setting the sandbox up; reading
-        up to EOF would also wait for the child to close its copy of the
-        fd, which it does at the end of its setup.  Returning on the first
-        complete object lets the cgroup placement overlap that setup.
+        Runs on a spawner thread, so a whole start costs the event loop one
+        hand-over.  The cgroup is made while bwrap sets the sandbox up.
+        Problems that must keep the command from running are reported in
+        ``error`` (the caller kills bwrap); an OSError before bwrap exists
+        propagates.  Nothing leaks if anything else goes wrong.
         """
-        loop = asyncio.get_running_loop()
-        fd = proc.info_r
-        data = bytearray()
-        eof: asyncio.Future[None] = loop.create_future()
-
-        def ready() -> None:
-            try:
-                chunk = os.read(fd, 4096)
-            except (BlockingIOError, InterruptedError):
-                return
-            if chunk and len(data) < 65536:
-                data.extend(chunk)
-                complete = data.rstrip().endswith(b"}") and parse_info(bytes(data)) is not None
-                if complete and not eof.done():
-                    eof.set_result(None)
-            elif not eof.done():
-                eof.set_result(None)
-
-        os.set_blocking(fd, False)
-        loop.add_reader(fd, ready)
+        spawned = self._popen(req)
         try:
-            await asyncio.wait_for(eof, min(_SETUP_TIMEOUT_S, run.req.limits.timeout_s))
-        except TimeoutError:
-            run.error = "sandbox: bwrap did not report its child in time"
-            return b""
-        finally:
-            loop.remove_reader(fd)
-            _close(fd)
-            proc.info_r = -1
-        return bytes(data)
+            if self.cgroups.available:
+                try:
+                    spawned.cgroup = self.cgroups.create(req.task_id, req.limits)
+                except OSError as exc:
+                    # Fail closed: limits that were promised must apply.
+                    spawned.error = f"sandbox: cannot create cgroup: {exc}"
+            timeout = min(_SETUP_TIMEOUT_S, req.limits.timeout_s)
+            info = _read_info(spawned.info_r, timeout)
+            _close(spawned.info_r)
+            spawned.info_r = -1
+            if info is None:
+                spawned.error = spawned.error or "sandbox: bwrap did not report its child in time"
+                return spawned
+            spawned.child_pid = parse_info(info)
+            if spawned.child_pid is not None and spawned.error is None:
+                spawned.error = self._confine(req, spawned, spawned.child_pid)
+        except BaseException:
+            _discard(spawned)
+            raise
+        return spawned
 
-    async def _read_info_and_cgroup(self, run: _Run, proc: _Proc) -> bytes:
-        """bwrap's info, while the task cgroup is created in a worker thread.
-
-        Whatever happens to the info (even cancellation), the cgroup is
-        awaited and kept in ``run`` so that cleanup removes it; a cgroup
-        that cannot be made fails the run (limits that were promised must
-        apply).
-        """
-        if not self.cgroups.available:
-            return await self._read_info(run, proc)
-        creating = asyncio.ensure_future(
-            asyncio.to_thread(self.cgroups.create, run.req.task_id, run.req.limits)
-        )
-        try:
-            return await self._read_info(run, proc)
-        finally:
-            try:
-                run.cgroup = await asyncio.shield(creating)
-            except OSError as exc:
-                run.error = run.error or f"sandbox: cannot create cgroup: {exc}"
-
-    async def _place_and_gate(self, run: _Run, proc: _Proc, gate: Awaitable[None] | None) -> bool:
-        """Confine the blocked child (in a worker thread: off the loop), then pass the gate."""
-        if not await asyncio.to_thread(self._place, run, proc):
-            return False
-        if gate is not None:
-            try:
-                await gate
-            except Exception as exc:
-                run.error = f"sandbox: not started: {exc}"
-                return False
-        return True
-
-    def _place(self, run: _Run, proc: _Proc) -> bool:
-        """Move bwrap's blocked child into the cgroup and rlimit it.
+    def _confine(self, req: SandboxRequest, spawned: _Spawned, child: int) -> str | None:
+        """Move bwrap's blocked child into the cgroup and rlimit it; an error, or None.
 
         The child is the sandbox's pid 1 and every process of the command
         descends from it; bwrap's own monitor process stays outside (it
         runs nothing of the caller's and exits with the child).
         """
-        child = run.child_pid
-        if child is None:
-            return False
-        cg = run.cgroup
-        if cg is None and self.cgroups.available:
-            return False  # run.error says why
+        cg = spawned.cgroup
         try:
             # While the child is blocked it cannot exit, so its pid is its own
             # and its parent is bwrap (not the subreaper shim, if one is used).
-            run.child_pidfd = os.pidfd_open(child)
-            run.bwrap_pid = _bwrap_pid(proc, child)
+            spawned.child_pidfd = os.pidfd_open(child)
+            spawned.bwrap_pid = _bwrap_pid(spawned.popen.pid, child, shim=spawned.report_r >= 0)
             if cg is not None:
                 cg.attach(child)
             current = {res: resource.prlimit(child, res) for res in _RLIMITS}
             ctrls = self.cgroups.controllers if cg is not None else frozenset()
             for res, value in plan_rlimits(
-                run.req.limits,
+                req.limits,
                 current,
                 pids_cgroup="pids" in ctrls,
                 memory_cgroup="memory" in ctrls,
             ):
                 resource.prlimit(child, res, value)
         except OSError as exc:
-            run.error = f"sandbox: cannot confine the sandbox: {exc.strerror or exc}"
-            return False
-        return True
+            return f"sandbox: cannot confine the sandbox: {exc.strerror or exc}"
+        return None
 
     def _kill_now(self, run: _Run) -> None:
         """SIGKILL bwrap's pid 1 (so the whole pid namespace) and bwrap's process group.
@@ -1139,8 +1170,8 @@ class BwrapSandbox:
         """Whatever happened (even cancellation of run()): nothing survives, nothing leaks."""
         proc = run.proc
         if proc is not None:
-            _close(proc.block_w, proc.info_r, proc.report_r)
-            proc.block_w = proc.info_r = proc.report_r = -1
+            _close(proc.block_w, proc.report_r)
+            proc.block_w = proc.report_r = -1
             if not proc.reaper.exited.done():
                 self._kill_now(run)
                 with contextlib.suppress(TimeoutError):
