@@ -63,6 +63,7 @@ import hashlib
 import json
 import math
 import os
+import queue
 import re
 import socket
 import struct
@@ -513,30 +514,42 @@ class _Syncer:
 
     def __init__(self, complete: Callable[[list[_Ticket], dict[int, OSError]], None]) -> None:
         self._complete = complete
-        self._cond = threading.Condition()
-        self._queue: list[_Ticket] = []
-        self._thread: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue[_Ticket] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running = False
         self.rounds = 0  # fsync rounds so far (one per batch of tickets)
 
     def submit(self, ticket: _Ticket) -> None:
-        with self._cond:
-            self._queue.append(ticket)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="audit-fsync", daemon=True)
-                self._thread.start()
-            else:
-                self._cond.notify()
+        self._jobs.put(ticket)
+        with self._lock:
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._loop, name="audit-fsync", daemon=True).start()
+
+    def _next_batch(self) -> list[_Ticket] | None:
+        """Every queued ticket (waiting for the first), or None once idle for long."""
+        try:
+            batch = [self._jobs.get(timeout=_SYNCER_IDLE_S)]
+        except queue.Empty:
+            with self._lock:
+                if self._jobs.empty():
+                    self._running = False
+                    return None
+            return []
+        while True:
+            try:
+                batch.append(self._jobs.get_nowait())
+            except queue.Empty:
+                return batch
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                if not self._queue:
-                    self._cond.wait(_SYNCER_IDLE_S)
-                if not self._queue:
-                    self._thread = None
-                    return
-                batch, self._queue = self._queue, []
-                self.rounds += 1
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            self.rounds += 1
             errors: dict[int, OSError] = {}
             for state in {id(t.state): t.state for t in batch}.values():
                 if state.closed:

@@ -769,6 +769,7 @@ class BwrapSandbox:
         self.cgroups = cgroup_manager or CgroupManager.detect(cgroup_parent, cgroups)
         self.dev_dir = _make_dev_dir(dev_dir_parent) if os.geteuid() == 0 else None
         self._spawner = _SPAWNER
+        self._own_rlimits = {res: resource.getrlimit(res) for res in _RLIMITS}
         self._cleaner = _Cleaner()
         self._passwd = bw.synthetic_passwd()
         self._group = bw.synthetic_group()
@@ -1056,7 +1057,8 @@ class BwrapSandbox:
             spawned.bwrap_pid = _bwrap_pid(spawned.popen.pid, child, shim=spawned.report_r >= 0)
             if cg is not None:
                 cg.attach(child)
-            current = {res: resource.prlimit(child, res) for res in _RLIMITS}
+            # bwrap's child inherited ours (bwrap sets none): no need to ask.
+            current = self._own_rlimits
             ctrls = self.cgroups.controllers if cg is not None else frozenset()
             for res, value in plan_rlimits(
                 req.limits,
@@ -1330,8 +1332,11 @@ class _Cleaner:
 
 
 def _kill_and_remove(cg: TaskCgroup) -> None:
-    cg.kill()
-    cg.remove()
+    try:
+        cg.remove(timeout_s=0.0)  # usually empty by now; the kernel refuses otherwise
+    except OSError:
+        cg.kill()
+        cg.remove()
 
 
 async def _bwrap_version(path: str) -> str:

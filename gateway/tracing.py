@@ -80,6 +80,16 @@ def current_trace_ids() -> dict[str, str]:
     return {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}
 
 
+class _CurrentSpan(contextlib.AbstractContextManager[Span]):
+    """The current span, unchanged: what a span of a disabled tracer amounts to."""
+
+    def __enter__(self) -> Span:
+        return trace.get_current_span()
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 class Tracing:
     """The gateway's tracer and the provider that exports its spans."""
 
@@ -88,7 +98,6 @@ class Tracing:
         self.tracer: Tracer = self.provider.get_tracer("gateway", __version__)
         self.enabled = isinstance(self.provider, TracerProvider)
 
-    @contextlib.contextmanager
     def span(
         self,
         name: str,
@@ -96,13 +105,27 @@ class Tracing:
         kind: SpanKind = SpanKind.INTERNAL,
         parent: Context | None = None,
         attributes: Mapping[str, Any] | None = None,
-    ) -> Iterator[Span]:
+    ) -> contextlib.AbstractContextManager[Span]:
         """A span made current for the block; an exception marks it as an error.
 
         ``parent`` replaces the current context (an extracted remote one).
         Exceptions are recorded by type and message only: their text is ours
-        (McpError messages), never a command's output.
+        (McpError messages), never a command's output.  With tracing off and
+        no remote parent to make current, nothing is recorded or changed:
+        the block gets the current (non-recording) span at no cost.
         """
+        if not self.enabled and parent is None:
+            return _CurrentSpan()
+        return self._span(name, kind, parent, attributes)
+
+    @contextlib.contextmanager
+    def _span(
+        self,
+        name: str,
+        kind: SpanKind,
+        parent: Context | None,
+        attributes: Mapping[str, Any] | None,
+    ) -> Iterator[Span]:
         with self.tracer.start_as_current_span(
             name,
             context=parent,

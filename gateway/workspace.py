@@ -655,13 +655,16 @@ class Workspaces:
         validate_subject_id(subject_id)
         path = self._root / subject_id
         try:
-            self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
             try:
-                os.mkdir(path, 0o700)
-                os.chmod(path, 0o700)  # exactly 0o700 whatever the umask
-            except FileExistsError:
-                pass
-            st = os.lstat(path)
+                st = os.lstat(path)  # the common case: it exists
+            except FileNotFoundError:
+                self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
+                try:
+                    os.mkdir(path, 0o700)
+                    os.chmod(path, 0o700)  # exactly 0o700 whatever the umask
+                except FileExistsError:
+                    pass
+                st = os.lstat(path)
         except OSError as exc:
             raise Internal(f"workspace of subject {subject_id!r} is unavailable") from exc
         if not stat_mod.S_ISDIR(st.st_mode):
