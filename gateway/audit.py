@@ -59,6 +59,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -138,8 +139,16 @@ def record_hash(line: bytes) -> str:
 
 def format_ts(seconds: float) -> str:
     """RFC 3339 UTC with microseconds: ``2024-05-01T12:00:00.123456Z``."""
-    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    micros = round(seconds * 1_000_000)
+    whole, fraction = divmod(micros, 1_000_000)
+    return f"{_second_prefix(whole)}.{fraction:06d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second_prefix(whole: int) -> str:
+    # Records of one second share this: formatting a date is the slow part.
+    moment = datetime.datetime.fromtimestamp(whole, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 class _Redactor:
@@ -155,6 +164,7 @@ class _Redactor:
                     f"invalid redaction pattern {pattern!r}: {exc}", field="redact"
                 ) from exc
         self._patterns = tuple(compiled)
+        self._secret_keys: dict[str, bool] = {}
 
     def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
         return {
@@ -163,7 +173,12 @@ class _Redactor:
         }
 
     def _field(self, key: str, value: object) -> object:
-        if _SECRET_KEY.search(key) is not None:
+        secret = self._secret_keys.get(key)
+        if secret is None:
+            secret = _SECRET_KEY.search(key) is not None
+            if len(self._secret_keys) < 4096:  # field names repeat; values do not
+                self._secret_keys[key] = secret
+        if secret:
             return REDACTED
         return self._value(value)
 
@@ -536,9 +551,20 @@ class _Syncer:
                     self._running = False
                     return None
             return []
+        deadline = time.monotonic() + _BACKGROUND_GRACE_S
         while True:
             try:
                 batch.append(self._jobs.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            # Nobody waits for these records: give the next ones a moment to
+            # share the fsync (a durable write ends the wait at once).
+            left = deadline - time.monotonic()
+            if left <= 0 or any(t.done is not None or t.close for t in batch):
+                return batch
+            try:
+                batch.append(self._jobs.get(timeout=left))
             except queue.Empty:
                 return batch
 
@@ -572,6 +598,9 @@ class _Syncer:
 
 # How long the fsync thread lingers without work before it exits.
 _SYNCER_IDLE_S = 5.0
+# How long records nobody waits for (task transitions) may wait for company
+# before they are fsynced on their own.
+_BACKGROUND_GRACE_S = 0.005
 
 
 class AuditLog(AuditSink):
