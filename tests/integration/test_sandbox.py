@@ -564,6 +564,28 @@ async def test_command_starts_inside_its_cgroup(sandbox: BwrapSandbox, workspace
 
 
 @integration
+async def test_finished_task_cgroups_are_removed(sandbox: BwrapSandbox, workspace: str) -> None:
+    """The task cgroup is removed after the run (in the background); settle() waits for it."""
+    if not sandbox.cgroups.available:
+        pytest.skip("no writable cgroup hierarchy on this host")
+    bases = [*sandbox.cgroups.v1_bases.values(), *filter(None, [sandbox.cgroups.v2_base])]
+
+    def task_dirs() -> set[str]:
+        return {
+            os.path.join(base, name)
+            for base in bases
+            for name in os.listdir(base)
+            if name.startswith("task-")
+        }
+
+    before = await asyncio.to_thread(task_dirs)
+    results = await asyncio.gather(*(run(sandbox, workspace, "true") for _ in range(6)))
+    assert all(r.exit_code == 0 for r, _ in results)
+    await sandbox.settle()
+    assert await asyncio.to_thread(task_dirs) == before
+
+
+@integration
 async def test_usage_is_measured(any_sandbox: BwrapSandbox, workspace: str) -> None:
     """CPU time and peak memory of the command tree are measured, not guessed."""
     code = (
