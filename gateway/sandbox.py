@@ -8,20 +8,23 @@ control by :mod:`gateway.cgroups`.  This module does the process plumbing.
 One run, step by step
 ---------------------
 1. Validate the request (:func:`gateway.bwrap.validate_request`).
-2. Spawn bwrap with ``subprocess.Popen``: ``close_fds=True``, an empty
+2. On a spawner thread (:class:`_Spawner`; steps 2 and 3 are one
+   hand-over from the event loop), spawn bwrap with ``subprocess.Popen``:
+   ``close_fds=True``, an empty
    environment, its own session, and ``pass_fds`` = exactly the fds bwrap
    consumes and closes before exec (seccomp program, synthetic passwd and
    group, ``--block-fd``, ``--info-fd``).  stdin is a sealed memfd holding
    ``req.stdin`` (or ``/dev/null``), so nothing has to be written to a pipe
    while the command runs; stdout and stderr are pipes.
-3. While bwrap sets the sandbox up, a worker thread creates the task cgroup
+3. While bwrap sets the sandbox up, the same thread creates the task cgroup
    with its limits.  bwrap writes the host pid of its pid-1 child to the
    info fd and the child blocks on the block fd *before forking the
    command*.  Until then the child is the only process of the sandbox, so
    moving it into the task cgroup and applying rlimits to it with
    ``prlimit(2)`` is race-free: everything the command ever forks inherits
    them.  (bwrap's own monitor process stays outside: it runs nothing of
-   the caller's.)  Only then is the block fd released.
+   the caller's.)  Back on the event loop, the run's gate (the decision
+   record's durability) is awaited, and only then is the block fd released.
 4. stdout/stderr are read in ``chunk_bytes`` pieces with ``add_reader``;
    each stream delivers at most ``limits.output_bytes`` to ``on_output``,
    then keeps draining and only counts, so memory stays flat.
@@ -689,8 +692,8 @@ class _Spawner:
                     _discard(outcome[0])
 
 
-# Concurrent starts (each waits for its bwrap to clone its child).
-_SPAWN_THREADS = 8
+# Concurrent starts (each waits, bounded, for its bwrap to clone its child).
+_SPAWN_THREADS = 16
 
 
 def _settle(done: asyncio.Future[Any], outcome: tuple[Any, BaseException | None]) -> None:
