@@ -35,9 +35,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, runtime_checkable
@@ -216,6 +216,8 @@ def check_policy_input(doc: object) -> str | None:
 def _string_problem(text: str) -> str | None:
     if "\x00" in text:
         return "policy input has a string with a NUL character"
+    if text.isascii():  # the usual case; only non-ASCII text can hold a lone surrogate
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -226,13 +228,16 @@ def _string_problem(text: str) -> str | None:
 # --- the decision ---------------------------------------------------------------
 
 
-def parse_decision(raw: object, engine: str) -> Decision:
+def parse_decision(
+    raw: object, engine: str, *, revision: str | None = None, decision_id: str | None = None
+) -> Decision:
     """The :class:`Decision` in a raw ``data.mcp.decision`` result (pure, fails closed).
 
     ``raw`` must be an object with ``allow`` (bool) and ``deny_reasons`` (list
     of str), optionally ``warnings`` (list of str) and ``limits`` (object with
     string keys). Anything else (undefined, wrong types, allow with reasons)
     is a deny with a reason saying what was wrong; a deny always has a reason.
+    A well-formed decision carries ``revision`` and ``decision_id``.
     """
 
     def malformed(why: str) -> Decision:
@@ -269,6 +274,8 @@ def parse_decision(raw: object, engine: str) -> Decision:
         warnings=tuple(str(w) for w in warnings),
         limits=dict(limits),
         engine=engine,
+        revision=revision,
+        decision_id=decision_id,
     )
 
 
@@ -463,11 +470,14 @@ class EmbeddedEngine:
             return self._stamp(
                 Decision.deny(f"policy engine error: {type(exc).__name__}: {exc}"), revision
             )
-        return self._stamp(parse_decision(raw, self.name), revision)
+        decision = parse_decision(
+            raw, self.name, revision=revision, decision_id=secrets.token_hex(16)
+        )
+        return decision if decision.revision else self._stamp(decision, revision)
 
     def _stamp(self, decision: Decision, revision: str) -> Decision:
         return dataclasses.replace(
-            decision, engine=self.name, revision=revision, decision_id=uuid.uuid4().hex
+            decision, engine=self.name, revision=revision, decision_id=secrets.token_hex(16)
         )
 
     async def reload(self) -> str:

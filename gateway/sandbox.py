@@ -332,11 +332,18 @@ def _memfd(name: str, data: bytes) -> int:
     """A read-only fd on a sealed memfd holding ``data``, at offset 0."""
     fd = sealed_memfd(name, data)
     try:
-        # A fresh read-only open file description: the reader cannot write
-        # (seals) or even hold a writable fd, and has its own offset 0.
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return _reopen(fd)
     finally:
         os.close(fd)
+
+
+def _reopen(sealed: int) -> int:
+    """A fresh read-only open file description of the sealed memfd ``sealed``.
+
+    The reader cannot write (seals) or even hold a writable fd, and has an
+    offset of its own at 0: one sealed memfd serves any number of spawns.
+    """
+    return os.open(f"/proc/self/fd/{sealed}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _close(*fds: int | None) -> None:
@@ -774,11 +781,15 @@ class BwrapSandbox:
         self._spawner = _SPAWNER
         self._own_rlimits = {res: resource.getrlimit(res) for res in _RLIMITS}
         self._cleaner = _Cleaner()
-        self._passwd = bw.synthetic_passwd()
-        self._group = bw.synthetic_group()
+        # Made once, sealed: every spawn reads them through a fresh descriptor.
+        self._sealed = {
+            "seccomp": seccomp_fd(self.program),
+            "passwd": sealed_memfd("passwd", bw.synthetic_passwd()),
+            "group": sealed_memfd("group", bw.synthetic_group()),
+        }
         # Also at garbage collection / interpreter exit, for owners that never call close().
         self._finalizer = weakref.finalize(
-            self, _release, self.dev_dir, self.cgroups, self._cleaner
+            self, _release, self.dev_dir, self.cgroups, self._cleaner, tuple(self._sealed.values())
         )
 
     def close(self) -> None:
@@ -952,11 +963,11 @@ class BwrapSandbox:
         child_fds: list[int] = []
         parent_fds: list[int] = []
         try:
-            sec = seccomp_fd(self.program)
+            sec = _reopen(self._sealed["seccomp"])
             child_fds.append(sec)
-            passwd = _memfd("passwd", self._passwd)
+            passwd = _reopen(self._sealed["passwd"])
             child_fds.append(passwd)
-            group = _memfd("group", self._group)
+            group = _reopen(self._sealed["group"])
             child_fds.append(group)
             if req.stdin is not None:
                 stdin = _memfd("stdin", req.stdin)
@@ -1291,8 +1302,11 @@ def _shim_report(proc: _Proc, end: _Exit) -> _Exit:
         return _Exit(end.status, end.cpu_s, end.maxrss_bytes)
 
 
-def _release(dev_dir: str | None, cgroups: CgroupManager, cleaner: _Cleaner) -> None:
+def _release(
+    dev_dir: str | None, cgroups: CgroupManager, cleaner: _Cleaner, sealed: tuple[int, ...]
+) -> None:
     cleaner.join()
+    _close(*sealed)
     if dev_dir is not None:
         shutil.rmtree(dev_dir, ignore_errors=True)
     cgroups.close()

@@ -578,6 +578,7 @@ async def test_finished_task_cgroups_are_removed(sandbox: BwrapSandbox, workspac
             if name.startswith("task-")
         }
 
+    await sandbox.settle()  # earlier tests' cgroups may still be on their way out
     before = await asyncio.to_thread(task_dirs)
     results = await asyncio.gather(*(run(sandbox, workspace, "true") for _ in range(6)))
     assert all(r.exit_code == 0 for r, _ in results)
