@@ -21,10 +21,13 @@ default) or a loopback ``http://`` / ``https://`` URL.
   logging is on, so the gateway audit log and OPA's decision log can be
   joined); ``Decision.revision`` is the bundle revision OPA reports through
   ``?provenance`` (``name:revision`` pairs, sorted, comma-joined) when OPA
-  serves bundles, otherwise the sha256 revision of ``policy_dir`` computed once
-  when the engine is built (:func:`~gateway.policy.load_policy_dir`), otherwise
-  None. With ``opa run --watch`` on a directory the latter is the revision at
-  gateway start-up, not necessarily what OPA has loaded since.
+  serves bundles, otherwise the sha256 revision of ``policy_dir``
+  (:func:`~gateway.policy.load_policy_dir`), computed when the engine is built
+  and again by :meth:`OpaEngine.reload` (on SIGHUP and whenever the gateway's
+  policy watch sees the files change), otherwise None.  With ``opa run
+  --watch`` on the same directory, a decision made in the moment between
+  OPA's reload and the gateway's next look (``policy.watch_interval_s``)
+  still carries the previous revision.
 * An optional bearer token is sent as ``Authorization: Bearer ...`` for an OPA
   run with ``--authentication=token``.
 * :meth:`OpaEngine.check` asks ``GET /health?bundles&plugins`` and then
@@ -105,9 +108,10 @@ class OpaEngine:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self.local_revision: str | None = None
-        if policy_dir is not None:
+        self._policy_dir = None if policy_dir is None else Path(policy_dir)
+        if self._policy_dir is not None:
             try:
-                self.local_revision = load_policy_dir(Path(policy_dir)).revision
+                self.local_revision = load_policy_dir(self._policy_dir).revision
             except FailedPrecondition as exc:
                 raise Unavailable(f"policy engine unavailable: {exc.message}") from exc
 
@@ -234,6 +238,21 @@ class OpaEngine:
             "health": health,
             "latency_s": round(time.monotonic() - started, 6),
         }
+
+    async def reload(self) -> str:
+        """Recompute the revision of ``policy_dir`` (OPA itself reloads with ``--watch``).
+
+        Called on SIGHUP and when the policy files change (the gateway's
+        policy watch), so decisions record the revision of the files OPA
+        watches rather than the one at start-up.  Raises FailedPrecondition
+        (the old revision stays) when the directory cannot be read; without
+        a ``policy_dir`` there is nothing to recompute.
+        """
+        if self._policy_dir is None:
+            return self.local_revision or ""
+        sources = await asyncio.to_thread(load_policy_dir, self._policy_dir)
+        self.local_revision = sources.revision
+        return sources.revision
 
     async def close(self) -> None:
         """Close the connection pool; later decisions deny."""

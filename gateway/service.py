@@ -144,7 +144,8 @@ class Gateway:
         self._ready_lock = asyncio.Lock()
 
     async def reload_policy(self, reason: str) -> bool:
-        """Reload the in-process policy (SIGHUP); the OPA engine reloads in OPA itself."""
+        """Reload the policy (SIGHUP): the embedded engine recompiles; with OPA (which
+        reloads itself) the recorded revision is recomputed."""
         if self.reloader is None:
             log.info("policy engine reloads on its own", engine=self.policy.name, reason=reason)
             return False

@@ -396,6 +396,36 @@ async def test_watch_reload_changes_decisions(short_dir: Path) -> None:
         daemon.stop()
 
 
+async def test_revision_follows_the_watched_files(short_dir: Path) -> None:
+    """After OPA --watch reloads, reload() makes decisions record the new files' revision."""
+    policy_dir = short_dir / "policies"
+    shutil.copytree(POLICIES, policy_dir)
+    daemon = OpaDaemon(policy_dir, short_dir, watch=True)
+    daemon.start()
+    eng = OpaEngine(daemon.url, timeout_s=2.0, policy_dir=policy_dir)
+    try:
+        before = (await eng.decide(command("echo"))).revision
+        assert before == load_policy_dir(policy_dir).revision
+        data_file = policy_dir / "data.json"
+        data = json.loads(data_file.read_text())
+        data["gateway"]["roles"]["developer"]["commands"].remove("echo")
+        tmp = policy_dir / "data.json.tmp"
+        tmp.write_text(json.dumps(data))
+        tmp.replace(data_file)
+        after = await eng.reload()
+        assert after == load_policy_dir(policy_dir).revision != before
+        deadline = time.monotonic() + 20
+        decision = await eng.decide(command("echo"))
+        while decision.allow and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            decision = await eng.decide(command("echo"))
+        assert not decision.allow
+        assert decision.revision == after
+    finally:
+        await eng.close()
+        daemon.stop()
+
+
 async def test_config_builds_the_opa_engine(short_dir: Path) -> None:
     """policy.engine "opa" with opa_url and opa_token_file makes a working OpaEngine."""
     token_file = short_dir / "token"
