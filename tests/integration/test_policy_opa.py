@@ -370,6 +370,16 @@ async def test_bad_shape_and_eval_errors_deny(short_dir: Path) -> None:
         daemon.stop()
 
 
+def take_echo_from_developers(policy_dir: Path) -> None:
+    """Edit data.json in place (atomically) so the developer role loses echo."""
+    data_file = policy_dir / "data.json"
+    data = json.loads(data_file.read_text())
+    data["gateway"]["roles"]["developer"]["commands"].remove("echo")
+    tmp = policy_dir / "data.json.tmp"
+    tmp.write_text(json.dumps(data))
+    tmp.replace(data_file)
+
+
 async def test_watch_reload_changes_decisions(short_dir: Path) -> None:
     """OPA --watch picks up an edited data.json; the same engine sees the new decisions."""
     policy_dir = short_dir / "policies"
@@ -379,12 +389,7 @@ async def test_watch_reload_changes_decisions(short_dir: Path) -> None:
     eng = OpaEngine(daemon.url, timeout_s=2.0)
     try:
         assert (await eng.decide(command("echo"))).allow
-        data_file = policy_dir / "data.json"
-        data = json.loads(data_file.read_text())
-        data["gateway"]["roles"]["developer"]["commands"].remove("echo")
-        tmp = policy_dir / "data.json.tmp"
-        tmp.write_text(json.dumps(data))
-        tmp.replace(data_file)
+        take_echo_from_developers(policy_dir)
         deadline = time.monotonic() + 20
         decision = await eng.decide(command("echo"))
         while decision.allow and time.monotonic() < deadline:
@@ -406,12 +411,7 @@ async def test_revision_follows_the_watched_files(short_dir: Path) -> None:
     try:
         before = (await eng.decide(command("echo"))).revision
         assert before == load_policy_dir(policy_dir).revision
-        data_file = policy_dir / "data.json"
-        data = json.loads(data_file.read_text())
-        data["gateway"]["roles"]["developer"]["commands"].remove("echo")
-        tmp = policy_dir / "data.json.tmp"
-        tmp.write_text(json.dumps(data))
-        tmp.replace(data_file)
+        take_echo_from_developers(policy_dir)
         after = await eng.reload()
         assert after == load_policy_dir(policy_dir).revision != before
         deadline = time.monotonic() + 20
