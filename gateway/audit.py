@@ -678,7 +678,8 @@ class AuditLog(AuditSink):
         another writer holds the file, ResourceExhausted when the disk is
         full, Internal for other I/O failures or a corrupt log.
         """
-        digest, durable = await self._append(event, fields, sync=sync)
+        durable = asyncio.get_running_loop().create_future() if sync else None
+        digest = await self._append(event, fields, durable)
         if durable is not None:
             # Shielded: a cancelled caller leaves the record to be synced.
             await asyncio.shield(durable)
@@ -694,14 +695,13 @@ class AuditLog(AuditSink):
         record is fsynced).  The future raises the write's McpError if the
         fsync fails.  Raises like :meth:`write` when the append itself fails.
         """
-        digest, durable = await self._append(event, fields, sync=True)
-        if durable is None:  # pragma: no cover - sync=True always has one
-            raise Internal("audit append without a durability future")
-        return digest, durable
+        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        return await self._append(event, fields, durable), durable
 
     async def _append(
-        self, event: str, fields: Mapping[str, object], *, sync: bool
-    ) -> tuple[str, asyncio.Future[None] | None]:
+        self, event: str, fields: Mapping[str, object], durable: asyncio.Future[None] | None
+    ) -> str:
+        """Append the record; ``durable`` (if any) ends once it is fsynced."""
         check_fields(event, fields)
         ids = current_trace_ids()
         if ids and "trace_id" not in fields:
@@ -722,10 +722,9 @@ class AuditLog(AuditSink):
             state.seq += 1
             state.head = digest = record_hash(line)
             self._send_journald(state, line)
-            loop = asyncio.get_running_loop()
-            done = loop.create_future() if sync else None
-            self._syncer.submit(_Ticket(state, loop, time.perf_counter(), done))
-        return digest, done
+            ticket = _Ticket(state, asyncio.get_running_loop(), time.perf_counter(), durable)
+            self._syncer.submit(ticket)
+        return digest
 
     async def close(self) -> None:
         """Fsync and close the file (releasing the lock); idempotent."""
@@ -735,10 +734,9 @@ class AuditLog(AuditSink):
                 await asyncio.wait([self._opening])  # it closes what it opened
             state, self._state = self._state, None
             if state is not None:
-                done = asyncio.get_running_loop().create_future()
-                self._syncer.submit(
-                    _Ticket(state, asyncio.get_running_loop(), 0.0, done, close=True)
-                )
+                loop = asyncio.get_running_loop()
+                done: asyncio.Future[None] = loop.create_future()
+                self._syncer.submit(_Ticket(state, loop, 0.0, done, close=True))
                 with contextlib.suppress(McpError):
                     await done
 

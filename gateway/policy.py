@@ -237,14 +237,23 @@ def parse_decision(
     of str), optionally ``warnings`` (list of str) and ``limits`` (object with
     string keys). Anything else (undefined, wrong types, allow with reasons)
     is a deny with a reason saying what was wrong; a deny always has a reason.
-    A well-formed decision carries ``revision`` and ``decision_id``.
+    Every decision returned carries ``engine``, ``revision`` and ``decision_id``.
     """
 
+    def deny(*reasons: str) -> Decision:
+        return Decision(
+            allow=False,
+            deny_reasons=reasons,
+            engine=engine,
+            revision=revision,
+            decision_id=decision_id,
+        )
+
     def malformed(why: str) -> Decision:
-        return Decision.deny(f"malformed policy decision: {why}", engine=engine)
+        return deny(f"malformed policy decision: {why}")
 
     if raw is None:
-        return Decision.deny(f"policy engine error: {DECISION_QUERY} is undefined", engine=engine)
+        return deny(f"policy engine error: {DECISION_QUERY} is undefined")
     if not isinstance(raw, Mapping):
         return malformed(f"expected an object, got {type(raw).__name__}")
     allow = raw.get("allow")
@@ -261,11 +270,7 @@ def parse_decision(
         return malformed("limits is not an object")
     deny_reasons = tuple(str(r) for r in reasons)
     if allow and deny_reasons:
-        return Decision(
-            allow=False,
-            deny_reasons=("malformed policy decision: allow with deny reasons", *deny_reasons),
-            engine=engine,
-        )
+        return deny("malformed policy decision: allow with deny reasons", *deny_reasons)
     if not allow and not deny_reasons:
         deny_reasons = ("denied by policy (no reason given)",)
     return Decision(
@@ -470,10 +475,7 @@ class EmbeddedEngine:
             return self._stamp(
                 Decision.deny(f"policy engine error: {type(exc).__name__}: {exc}"), revision
             )
-        decision = parse_decision(
-            raw, self.name, revision=revision, decision_id=secrets.token_hex(16)
-        )
-        return decision if decision.revision else self._stamp(decision, revision)
+        return parse_decision(raw, self.name, revision=revision, decision_id=secrets.token_hex(16))
 
     def _stamp(self, decision: Decision, revision: str) -> Decision:
         return dataclasses.replace(

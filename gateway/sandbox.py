@@ -733,8 +733,8 @@ class _Run:
     """Mutable bookkeeping of one run (local to :meth:`BwrapSandbox.run`)."""
 
     req: SandboxRequest
-    cgroup: TaskCgroup | None
     started: float
+    cgroup: TaskCgroup | None = None  # made by the start, on the spawner thread
     proc: _Proc | None = None
     child_pid: int | None = None  # bwrap's child: pid 1 of the sandbox
     child_pidfd: int = -1
@@ -814,7 +814,7 @@ class BwrapSandbox:
         started = time.monotonic()
         if cancel.is_set():
             return RunResult(exit_code=None, cancelled=True)
-        run = _Run(req, None, started)
+        run = _Run(req, started)
         try:
             return await self._run(run, on_output, cancel, gate)
         finally:
@@ -922,25 +922,21 @@ class BwrapSandbox:
         except OSError as exc:
             run.error = f"sandbox: cannot start bwrap: {exc.strerror or exc}"
             return None
+        try:
+            reaper = _Reaper(loop, spawned.popen)
+        except OSError as exc:
+            # Without a reaper we cannot supervise it: undo the start (bwrap
+            # is still blocked before the command).
+            _discard(spawned)
+            run.error = f"sandbox: cannot supervise bwrap: {exc.strerror or exc}"
+            return None
         run.cgroup = spawned.cgroup
         run.child_pid = spawned.child_pid
         run.child_pidfd = spawned.child_pidfd
         run.bwrap_pid = spawned.bwrap_pid
         run.error = spawned.error
-        popen = spawned.popen
-        try:
-            reaper = _Reaper(loop, popen)
-        except OSError as exc:
-            # Without a reaper we cannot supervise it: kill it (it is still
-            # blocked before the command) and reap it.
-            with contextlib.suppress(OSError):
-                os.killpg(popen.pid, signal.SIGKILL)
-            await asyncio.to_thread(popen.wait)
-            _close(spawned.block_w, spawned.out_r, spawned.err_r, spawned.report_r)
-            run.error = f"sandbox: cannot supervise bwrap: {exc.strerror or exc}"
-            return None
         return _Proc(
-            popen=popen,
+            popen=spawned.popen,
             reaper=reaper,
             pumps=(
                 _Pump(loop, spawned.out_r, "stdout", caps["stdout"], on_output, self.chunk_bytes),

@@ -222,7 +222,7 @@ class Gateway:
         try:
             await asyncio.shield(durable)
         except McpError as exc:
-            raise Unavailable("the audit log cannot be written; nothing was done") from exc
+            raise Unavailable(_UNAUDITED) from exc
 
     async def may(self, action: str, subject: Subject, ctx: RequestContext) -> bool:
         """Whether the policy lets ``subject`` perform ``action`` at all (decided, audited).
@@ -276,7 +276,7 @@ class Gateway:
             _, durable = await self.audit.append("policy.decision", record)
         except Exception as exc:
             self._audit_failed(exc, "policy.decision")
-            raise Unavailable("the audit log cannot be written; nothing was done") from exc
+            raise Unavailable(_UNAUDITED) from exc
         durable.add_done_callback(self._count_unsynced_decision)
         return durable
 
@@ -285,15 +285,16 @@ class Gateway:
         log.error("audit write failed", error=str(exc), audit_event=event)
 
     def _count_unsynced_decision(self, durable: asyncio.Future[None]) -> None:
-        if not durable.cancelled() and durable.exception() is not None:
-            self._audit_failed(durable.exception() or Exception(), "policy.decision")
+        exc = None if durable.cancelled() else durable.exception()
+        if exc is not None:
+            self._audit_failed(exc, "policy.decision")
 
     async def _audit_or_unavailable(self, event: str, fields: Mapping[str, Any]) -> None:
         try:
             await self.audit.write(event, fields)
         except Exception as exc:
             self._audit_failed(exc, event)
-            raise Unavailable("the audit log cannot be written; nothing was done") from exc
+            raise Unavailable(_UNAUDITED) from exc
 
     async def reject(self, subject: Subject | None, ctx: RequestContext, error: McpError) -> None:
         """Audit a request refused before any decision (bad input, auth, capacity)."""
@@ -582,6 +583,9 @@ class Gateway:
         if not os.access(self.config.audit_path, os.W_OK):
             raise Unavailable("the audit log is not writable")
         return {"free_bytes": usage.free}
+
+
+_UNAUDITED = "the audit log cannot be written; nothing was done"
 
 
 def _denied(decision: Decision) -> PermissionDenied:
