@@ -503,6 +503,9 @@ class _Open:
     head: str
     journal: socket.socket | None
     closed: bool = False
+    # A background ticket is queued and its fsync has not begun: later
+    # background records are covered by it and need no ticket of their own.
+    background_queued: bool = False
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -576,6 +579,10 @@ class _Syncer:
             if not batch:
                 continue
             self.rounds += 1
+            for ticket in batch:
+                # Records appended from here on need a ticket of their own:
+                # this round's fsync may begin before they are written.
+                ticket.state.background_queued = False
             errors: dict[int, OSError] = {}
             for state in {id(t.state): t.state for t in batch}.values():
                 if state.closed:
@@ -621,16 +628,18 @@ class AuditLog(AuditSink):
     transitions: only power loss could drop them, and the decision that
     allowed the task is always fsynced first).
 
-    ``on_latency(seconds)`` receives, for each record, the time from its
-    append until it was fsynced; it must not raise (if it does, the
+    ``on_latency(seconds)`` receives, for each durable record, the time
+    from its append until it was fsynced (background records appended
+    while an earlier one still waits for its fsync ride on that one's
+    measurement: one fsync covers them all); it must not raise (if it does, the
     exception is ignored: the record is already durable).  With
     ``also_journald`` and an existing ``journald_socket`` each record is
     also sent, non-blocking and best-effort, as a journald native
     datagram; failures are only counted (:attr:`journald_failures`).  If a
     write or an fsync fails the file is closed and reopened (and any torn
-    tail recovered) before the next record; a background record whose
-    fsync failed is counted in :attr:`sync_failures` and reported to
-    ``on_sync_failure()``.
+    tail recovered) before the next record; background records whose
+    fsync failed are counted in :attr:`sync_failures` (once per failed
+    fsync) and reported to ``on_sync_failure()``.
     """
 
     def __init__(
@@ -722,8 +731,10 @@ class AuditLog(AuditSink):
             state.seq += 1
             state.head = digest = record_hash(line)
             self._send_journald(state, line)
-            ticket = _Ticket(state, asyncio.get_running_loop(), time.perf_counter(), durable)
-            self._syncer.submit(ticket)
+            if durable is not None or not state.background_queued:
+                state.background_queued = durable is None or state.background_queued
+                ticket = _Ticket(state, asyncio.get_running_loop(), time.perf_counter(), durable)
+                self._syncer.submit(ticket)
         return digest
 
     async def close(self) -> None:

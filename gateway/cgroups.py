@@ -97,7 +97,6 @@ class CgroupUsage:
 
     cpu_time_s: float | None = None
     peak_memory_bytes: int | None = None
-    oom_kills: int | None = None
 
 
 def _unescape(field: str) -> str:
@@ -355,7 +354,6 @@ class TaskCgroup:
         """CPU time and memory high-water mark of the task so far."""
         cpu: float | None = None
         peak: int | None = None
-        ooms: int | None = None
         if self.v2_dir is not None:
             with contextlib.suppress(OSError):
                 stat = parse_keyed(_read(os.path.join(self.v2_dir, "cpu.stat")))
@@ -363,9 +361,6 @@ class TaskCgroup:
                     cpu = stat["usage_usec"] / 1e6
             if "memory" in self.v2_controllers:
                 peak = _read_int(os.path.join(self.v2_dir, "memory.peak"))
-                with contextlib.suppress(OSError):
-                    events = parse_keyed(_read(os.path.join(self.v2_dir, "memory.events")))
-                    ooms = events.get("oom_kill")
         acct = self.v1_dirs.get("cpuacct")
         if cpu is None and acct is not None:
             ns = _read_int(os.path.join(acct, "cpuacct.usage"))
@@ -373,9 +368,7 @@ class TaskCgroup:
         mem = self.v1_dirs.get("memory")
         if peak is None and mem is not None:
             peak = _read_int(os.path.join(mem, "memory.max_usage_in_bytes"))
-            with contextlib.suppress(OSError):
-                ooms = parse_keyed(_read(os.path.join(mem, "memory.oom_control"))).get("oom_kill")
-        return CgroupUsage(cpu, peak, ooms)
+        return CgroupUsage(cpu, peak)
 
     def remove(self, timeout_s: float = 2.0) -> None:
         """rmdir every directory, retrying while dying members still pin it (EBUSY)."""

@@ -70,6 +70,14 @@ class Metrics:
             "Runs where the sandbox itself failed (not the command).",
             registry=r,
         )
+        self.sandbox_prestarts = Counter(
+            "mcp_sandbox_prestarts",
+            "Sandboxes begun while their command was still being decided, by what became "
+            "of them: submitted (the task took it over) or discarded (denied or failed before "
+            "the task existed; killed before the command).",
+            ["result"],
+            registry=r,
+        )
         self.audit_write_seconds = Histogram(
             "mcp_audit_write_seconds",
             "Time to append and fsync one audit record.",

@@ -61,10 +61,21 @@ inside the pid namespace.  That costs one short-lived interpreter per run,
 only on hosts without usable cgroups.
 
 bwrap's ``--die-with-parent`` uses ``PR_SET_PDEATHSIG``, which fires when the
-*thread* that forked bwrap exits, so every bwrap is forked by one dedicated
-thread that lives as long as the process (:class:`_Spawner`), never by a
-pool worker that could retire while its sandboxes run.  Forking there also
-keeps the fork/exec wait off the event loop.
+*thread* that forked bwrap exits, so every bwrap is forked by a thread that
+lives as long as the process: a dedicated spawner thread (:class:`_Spawner`),
+never a pool worker that could retire while its sandboxes run, or the main
+thread.
+
+Begun early
+-----------
+:meth:`BwrapSandbox.prestart` forks bwrap (step 2 alone) before the run is
+decided, so bwrap's namespace and mount set-up overlaps the decision.  On
+the main thread (the event loop's, in the gateway) it forks right there:
+the fork is due before anything else the loop does for that request, and a
+hand-over to a spawner thread would have to wait for the GIL the loop holds
+while it decides.  The run that takes it over (``early=``) does step 3 with
+its own, granted limits; a discarded one is killed while bwrap still waits
+on its block fd, before the command exists.
 """
 
 from __future__ import annotations
@@ -94,7 +105,7 @@ import structlog
 
 from gateway import bwrap as bw
 from gateway.cgroups import CgroupManager, Requested, TaskCgroup
-from gateway.errors import Unavailable
+from gateway.errors import InvalidArgument, Unavailable
 from gateway.models import Limits, RunResult, SandboxRequest, Stream
 from gateway.seccomp import default_program, sealed_memfd, seccomp_fd
 from gateway.tracing import Tracing
@@ -103,6 +114,7 @@ __all__ = [
     "BwrapSandbox",
     "OutputCallback",
     "OutputCap",
+    "Prestarted",
     "Sandbox",
     "check_bwrap",
     "classify_bwrap_failure",
@@ -192,12 +204,15 @@ class Sandbox(Protocol):
         cancel: asyncio.Event,
         *,
         gate: Awaitable[None] | None = None,
+        early: Prestarted | None = None,
     ) -> RunResult:
         """Run ``req`` to completion, timeout or cancellation.
 
         ``gate``, when given, must end before the command starts (the
         sandbox may be set up meanwhile); if it raises, the command never
-        runs and the result carries ``error``.
+        runs and the result carries ``error``.  ``early`` is what
+        :meth:`prestart` began for this run; the run takes it over (and
+        discards it if it was started for a different request).
 
         ``on_output(stream, data)`` receives at most ``limits.output_bytes``
         per stream, in order, as it is produced.  A failing command is a
@@ -209,8 +224,29 @@ class Sandbox(Protocol):
         """
         ...
 
+    def prestart(self, req: SandboxRequest) -> Prestarted | None:
+        """Begin setting ``req``'s sandbox up before the run is decided, or None.
+
+        Nothing of the command runs: what is begun waits before the
+        command until :meth:`run` (given it as ``early``) has passed its
+        gate, or is undone by :meth:`Prestarted.discard`.
+        """
+        ...
+
     async def self_test(self) -> dict[str, object]:
         """Prove the sandbox works (raises :class:`~gateway.errors.Unavailable`); return details."""
+        ...
+
+
+class Prestarted(Protocol):
+    """A sandbox begun by :meth:`Sandbox.prestart`: taken over by one run, or discarded."""
+
+    def matches(self, req: SandboxRequest) -> bool:
+        """Whether it was begun for a request that sets the sandbox up like ``req``."""
+        ...
+
+    def discard(self) -> None:
+        """Undo it (idempotent; a no-op once a run has taken it over)."""
         ...
 
 
@@ -610,6 +646,70 @@ def _discard(spawned: _Spawned) -> None:
     threading.Thread(target=reap, name="bwrap-reap", daemon=True).start()
 
 
+def _undo(forked: asyncio.Future[_Spawned] | None) -> None:
+    """Discard a fork whose run will not take it, now or once it is done."""
+    if forked is None:
+        return
+    if forked.done():
+        _discard_spawned(forked)
+    else:
+        forked.add_done_callback(_discard_spawned)
+
+
+def _setup_key(req: SandboxRequest) -> tuple[object, ...]:
+    """What bwrap is forked with: its command line and fds (limits apply later)."""
+    lim = req.limits
+    return (
+        req.task_id,
+        req.argv,
+        req.workspace,
+        req.cwd,
+        req.env,
+        req.stdin,
+        lim.network,
+        lim.tmp_size_bytes,
+    )
+
+
+class _Early:
+    """A bwrap forked by :meth:`BwrapSandbox.prestart`: blocked before the command.
+
+    Its first run with a matching request takes it over; otherwise
+    :meth:`discard` kills it.  Only the fork happens early: the cgroup,
+    the rlimits and the gate are the run's, with the run's own limits.
+    """
+
+    __slots__ = ("_forked", "_key")
+
+    def __init__(self, key: tuple[object, ...], forked: asyncio.Future[_Spawned]) -> None:
+        self._key = key
+        self._forked: asyncio.Future[_Spawned] | None = forked
+
+    def matches(self, req: SandboxRequest) -> bool:
+        return self._forked is not None and _setup_key(req) == self._key
+
+    def take(self, req: SandboxRequest) -> asyncio.Future[_Spawned] | None:
+        """The fork, for a run of ``req``; None (and discarded) if it does not match."""
+        forked = self._forked if self.matches(req) else None
+        if forked is None:
+            self.discard()
+        self._forked = None
+        return forked
+
+    def discard(self) -> None:
+        forked, self._forked = self._forked, None
+        _undo(forked)
+
+
+def _take(early: Prestarted | None, req: SandboxRequest) -> asyncio.Future[_Spawned] | None:
+    if early is None:
+        return None
+    if isinstance(early, _Early):
+        return early.take(req)
+    early.discard()  # another sandbox's: not ours to run
+    return None
+
+
 def _read_info(fd: int, timeout_s: float) -> bytes | None:
     """bwrap's info document from ``fd`` (blocking, bounded), or None on timeout.
 
@@ -808,17 +908,47 @@ class BwrapSandbox:
         cancel: asyncio.Event,
         *,
         gate: Awaitable[None] | None = None,
+        early: Prestarted | None = None,
     ) -> RunResult:
         """See :meth:`Sandbox.run`."""
-        bw.validate_request(req)
+        forked = _take(early, req)
+        try:
+            bw.validate_request(req)
+        except BaseException:
+            _undo(forked)
+            raise
         started = time.monotonic()
         if cancel.is_set():
+            _undo(forked)
             return RunResult(exit_code=None, cancelled=True)
         run = _Run(req, started)
         try:
-            return await self._run(run, on_output, cancel, gate)
+            return await self._run(run, on_output, cancel, gate, forked)
         finally:
             await self._cleanup(run)
+
+    def prestart(self, req: SandboxRequest) -> Prestarted | None:
+        """See :meth:`Sandbox.prestart`: fork bwrap now, on a spawner thread.
+
+        The fork and bwrap's own set-up (namespaces, mounts) then overlap
+        the decision; bwrap stops before the command, on its block fd,
+        whatever happens next.  None for a request :meth:`run` would refuse.
+        """
+        try:
+            bw.validate_request(req)
+        except InvalidArgument:
+            return None
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is not threading.main_thread():
+            return _Early(_setup_key(req), self._spawner.submit(loop, lambda: self._popen(req)))
+        # The main thread lives as long as the process (see _Spawner), and
+        # forking here starts bwrap's set-up before the loop decides.
+        forked: asyncio.Future[_Spawned] = loop.create_future()
+        try:
+            forked.set_result(self._popen(req))
+        except OSError as exc:
+            forked.set_exception(exc)
+        return _Early(_setup_key(req), forked)
 
     async def _run(
         self,
@@ -826,6 +956,7 @@ class BwrapSandbox:
         on_output: OutputCallback,
         cancel: asyncio.Event,
         gate: Awaitable[None] | None,
+        forked: asyncio.Future[_Spawned] | None,
     ) -> RunResult:
         lim = run.req.limits
         caps: dict[Stream, OutputCap] = {
@@ -833,7 +964,7 @@ class BwrapSandbox:
             "stderr": OutputCap(lim.output_bytes),
         }
         with self.tracing.span("sandbox.spawn") as span:
-            proc = await self._spawn(run, asyncio.get_running_loop(), caps, on_output)
+            proc = await self._spawn(run, asyncio.get_running_loop(), caps, on_output, forked)
             if proc is None:
                 span.set_attribute("mcp.sandbox.error", run.error or "")
                 return self._result(run, caps, None)
@@ -896,9 +1027,8 @@ class BwrapSandbox:
                     await self._kill_tree(run)
             return _shim_report(proc, await exited)
         finally:
+            # Ends on the loop's next turn; nothing needs to wait for that.
             cancel_wait.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await cancel_wait
 
     async def _spawn(
         self,
@@ -906,19 +1036,31 @@ class BwrapSandbox:
         loop: asyncio.AbstractEventLoop,
         caps: dict[Stream, OutputCap],
         on_output: OutputCallback,
+        forked: asyncio.Future[_Spawned] | None,
     ) -> _Proc | None:
         """Start bwrap (blocked before the command); None with ``run.error`` on failure.
 
         The fds are made and bwrap is forked on the spawner thread (a fork
         and exec block their caller until bwrap runs: not the event loop's
-        business); its output pumps and reaper are then set up here.
+        business); its output pumps and reaper are then set up here.  A
+        bwrap ``forked`` by :meth:`prestart` only needs its cgroup and
+        confinement.
         """
-        pending = self._spawner.submit(loop, lambda: self._start(run.req))
         try:
-            spawned = await asyncio.shield(pending)
-        except asyncio.CancelledError:
-            pending.add_done_callback(_discard_spawned)
-            raise
+            if forked is None:
+                pending = self._spawner.submit(loop, lambda: self._start(run.req))
+            else:
+                try:
+                    bwrap = await asyncio.shield(forked)
+                except asyncio.CancelledError:
+                    forked.add_done_callback(_discard_spawned)
+                    raise
+                pending = self._spawner.submit(loop, lambda: self._setup(run.req, bwrap))
+            try:
+                spawned = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                pending.add_done_callback(_discard_spawned)
+                raise
         except OSError as exc:
             run.error = f"sandbox: cannot start bwrap: {exc.strerror or exc}"
             return None
@@ -1024,12 +1166,17 @@ class BwrapSandbox:
         """Spawn bwrap, make the task cgroup, wait for bwrap's child and confine it.
 
         Runs on a spawner thread, so a whole start costs the event loop one
-        hand-over.  The cgroup is made while bwrap sets the sandbox up.
-        Problems that must keep the command from running are reported in
-        ``error`` (the caller kills bwrap); an OSError before bwrap exists
-        propagates.  Nothing leaks if anything else goes wrong.
+        hand-over.  An OSError before bwrap exists propagates.
         """
-        spawned = self._popen(req)
+        return self._setup(req, self._popen(req))
+
+    def _setup(self, req: SandboxRequest, spawned: _Spawned) -> _Spawned:
+        """Make the task cgroup, wait for bwrap's child and confine it (spawner thread).
+
+        The cgroup is made while bwrap sets the sandbox up.  Problems that
+        must keep the command from running are reported in ``error`` (the
+        caller kills bwrap).  Nothing leaks if anything else goes wrong.
+        """
         try:
             if self.cgroups.available:
                 try:
@@ -1129,8 +1276,11 @@ class BwrapSandbox:
         return len(done) == len(pending)
 
     async def _drain(self, proc: _Proc) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(p.done for p in proc.pumps)), _DRAIN_TIMEOUT_S)
+        if not all(p.done.done() for p in proc.pumps):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(p.done for p in proc.pumps)), _DRAIN_TIMEOUT_S
+                )
         for pump in proc.pumps:
             pump.close()
 

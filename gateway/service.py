@@ -37,7 +37,7 @@ from gateway.models import (
 )
 from gateway.policy import PolicyEngine, build_policy_input
 from gateway.reload import PolicyReloader
-from gateway.sandbox import Sandbox
+from gateway.sandbox import Prestarted, Sandbox
 from gateway.store import TaskRecord
 from gateway.tasks import OutputChunk, TaskManager
 from gateway.tracing import Tracing
@@ -314,27 +314,24 @@ class Gateway:
     # -- commands and tasks ----------------------------------------------------------
 
     async def execute(self, subject: Subject, spec: CommandSpec, ctx: RequestContext) -> TaskRecord:
-        """Decide, audit, queue.  Returns the QUEUED task record."""
+        """Decide, audit, queue.  Returns the QUEUED task record.
+
+        bwrap is forked while the policy decides (:meth:`TaskManager.prestart`:
+        it stops before the command and is killed on a deny), the sandbox is
+        set up while the decision record is fsynced, and the command starts
+        only once that record is durable (the gate).
+        """
         self.tasks.check_capacity()
-        decision, durable = await self._decide(
-            "command.execute", subject, ctx, False, {"command": spec}
-        )
-        if not decision.allow:
-            await self._until_durable(durable)
-            raise _denied(decision)
-        limits = grant_limits(self.config.sandbox.limits, spec, decision.limits)
-        # A mkdir that finds the directory and an lstat: cheaper than a thread hop.
-        workspace = self.workspaces.path_for(subject.id)
         task_id = self.task_ids.new()
-        request = SandboxRequest(
-            task_id=task_id,
-            argv=tuple(spec.argv),
-            workspace=str(workspace),
-            cwd=spec.cwd,
-            env=spec.env,
-            stdin=spec.stdin,
-            limits=limits,
-        )
+        early = self._prestart(subject, spec, task_id)
+        try:
+            durable, limits = await self._grant(subject, spec, ctx)
+            # An lstat when the workspace exists: cheaper than a thread hop.
+            workspace = self.workspaces.path_for(subject.id)
+        except BaseException:
+            self.tasks.discard(early)
+            raise
+        request = _sandbox_request(task_id, spec, str(workspace), limits)
         record = TaskRecord(
             id=task_id,
             owner=subject.id,
@@ -344,9 +341,35 @@ class Gateway:
             transport=ctx.transport,
             timeout_s=limits.timeout_s,
         )
-        # The sandbox is set up while the decision record is fsynced; the
-        # command starts only once it is durable (the gate).
-        return await self.tasks.submit(record, request, gate=durable)
+        return await self.tasks.submit(record, request, gate=durable, early=early)
+
+    async def _grant(
+        self, subject: Subject, spec: CommandSpec, ctx: RequestContext
+    ) -> tuple[asyncio.Future[None], Limits]:
+        """Decide ``spec``; the decision record's durability and the granted limits."""
+        decision, durable = await self._decide(
+            "command.execute", subject, ctx, False, {"command": spec}
+        )
+        if not decision.allow:
+            await self._until_durable(durable)
+            raise _denied(decision)
+        return durable, grant_limits(self.config.sandbox.limits, spec, decision.limits)
+
+    def _prestart(self, subject: Subject, spec: CommandSpec, task_id: str) -> Prestarted | None:
+        """Fork bwrap for ``spec`` before it is decided, where nothing depends on the grant.
+
+        Not for a request that asks for the network (the grant decides
+        bwrap's command line), nor before the subject has a workspace (a
+        request must not create one before it is allowed).  The run uses the
+        fork only if the granted limits set bwrap up the same way.
+        """
+        if spec.network:
+            return None
+        workspace = self.workspaces.existing(subject.id)
+        if workspace is None:
+            return None
+        limits = grant_limits(self.config.sandbox.limits, spec, {})
+        return self.tasks.prestart(_sandbox_request(task_id, spec, str(workspace), limits))
 
     def _record(self, task_id: str) -> TaskRecord:
         """The task, or NOT_FOUND; a task another node started is reported LOST."""
@@ -586,6 +609,20 @@ class Gateway:
 
 
 _UNAUDITED = "the audit log cannot be written; nothing was done"
+
+
+def _sandbox_request(
+    task_id: str, spec: CommandSpec, workspace: str, limits: Limits
+) -> SandboxRequest:
+    return SandboxRequest(
+        task_id=task_id,
+        argv=tuple(spec.argv),
+        workspace=workspace,
+        cwd=spec.cwd,
+        env=spec.env,
+        stdin=spec.stdin,
+        limits=limits,
+    )
 
 
 def _denied(decision: Decision) -> PermissionDenied:

@@ -25,7 +25,7 @@ from gateway.audit import AuditSink
 from gateway.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from gateway.metrics import Metrics
 from gateway.models import RunResult, SandboxRequest, Stream, TaskState
-from gateway.sandbox import Sandbox
+from gateway.sandbox import Prestarted, Sandbox
 from gateway.store import TaskRecord, TaskStore
 from gateway.tracing import Tracing
 
@@ -54,6 +54,7 @@ class _Live:
     cancel_reason: str = ""
     queue_wait_s: float = 0.0
     gate: Awaitable[None] | None = None  # the decision record's durability
+    early: Prestarted | None = None  # the sandbox begun while deciding
 
     def append(self, stream: Stream, data: bytes) -> None:
         self.chunks.append(OutputChunk(stream, data, self.sizes[stream]))
@@ -98,6 +99,7 @@ class TaskManager:
         self._runners: set[asyncio.Task[None]] = set()
         self._queued = 0
         self._running = 0
+        self._early = 0  # prestarted sandboxes not yet submitted or discarded
         self._accepting = True
         self._expirer: asyncio.Task[None] | None = None
 
@@ -168,23 +170,57 @@ class TaskManager:
                 f"task queue is full ({self._max_queue} waiting); retry later", retry_after=1.0
             )
 
+    def prestart(self, request: SandboxRequest) -> Prestarted | None:
+        """Begin ``request``'s sandbox while its decision is made, if it would run at once.
+
+        Only when a slot is free for it (counting other prestarts), so a
+        burst of requests never has more sandboxes begun than
+        ``max_concurrent``.  The caller hands the result to :meth:`submit`
+        or :meth:`discard`.
+        """
+        if not self._accepting or (
+            self._running + self._queued + self._early >= self._max_concurrent
+        ):
+            return None
+        early = self._sandbox.prestart(request)
+        if early is not None:
+            self._early += 1
+        return early
+
+    def discard(self, early: Prestarted | None) -> None:
+        """Undo a :meth:`prestart` whose task will not be submitted."""
+        if early is not None:
+            self._early -= 1
+            self._metrics.sandbox_prestarts.labels(result="discarded").inc()
+            early.discard()
+
     async def submit(
         self,
         record: TaskRecord,
         request: SandboxRequest,
         *,
         gate: Awaitable[None] | None = None,
+        early: Prestarted | None = None,
     ) -> TaskRecord:
         """Queue a task whose decision is audited; return its record.
 
         ``gate`` (the decision record's durability) is awaited by the
         sandbox before the command starts; it may still be pending now.
+        ``early`` (from :meth:`prestart`) belongs to the task from here on.
         """
-        self.check_capacity()
+        if early is not None:
+            self._early -= 1
+            self._metrics.sandbox_prestarts.labels(result="submitted").inc()
+        try:
+            self.check_capacity()
+        except BaseException:
+            if early is not None:
+                early.discard()
+            raise
         now = self._clock()
         record.created_at = now
         record.state = TaskState.QUEUED
-        live = _Live(record=record, request=request, gate=gate)
+        live = _Live(record=record, request=request, gate=gate, early=early)
         self._live[record.id] = live
         self._queued += 1
         self._metrics.tasks_queued.set(self._queued)
@@ -239,6 +275,11 @@ class TaskManager:
             log.exception("task runner failed", task_id=record.id)
             self._metrics.sandbox_failures.inc()
             await self._finish(live, RunResult(exit_code=None, error=f"internal error: {exc}"))
+        finally:
+            # Not run (cancelled while queued, or failed before the sandbox).
+            if live.early is not None:
+                live.early.discard()
+                live.early = None
 
     async def _execute(self, live: _Live) -> RunResult:
         record = live.record
@@ -253,7 +294,10 @@ class TaskManager:
         await self._audit.write(
             "task.running", {"task_id": record.id, "owner": record.owner}, sync=False
         )
-        result = await self._sandbox.run(live.request, live.append, live.cancel, gate=live.gate)
+        early, live.early = live.early, None
+        result = await self._sandbox.run(
+            live.request, live.append, live.cancel, gate=live.gate, early=early
+        )
         if result.error is not None:
             self._metrics.sandbox_failures.inc()
         return result

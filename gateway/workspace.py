@@ -671,6 +671,19 @@ class Workspaces:
             raise Internal(f"workspace of subject {subject_id!r} is not a directory")
         return path
 
+    def existing(self, subject_id: str) -> Path | None:
+        """Host path of ``subject_id``'s workspace if it already is a directory, else None.
+
+        Creates nothing (for work begun before the subject's request is decided).
+        """
+        validate_subject_id(subject_id)
+        path = self._root / subject_id
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return path if stat_mod.S_ISDIR(st.st_mode) else None
+
     # -- operations --------------------------------------------------------
 
     def read(

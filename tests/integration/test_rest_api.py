@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import secrets
 import sqlite3
+import subprocess
 from typing import Any
 
 import pytest
@@ -19,6 +21,12 @@ pytestmark = pytest.mark.integration
 def audit_events(api: Api) -> list[dict[str, Any]]:
     lines = (api.state / "audit.log").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def survivors(token: str) -> list[str]:
+    return subprocess.run(
+        ["pgrep", "-f", token], capture_output=True, text=True, check=False
+    ).stdout.split()
 
 
 def task_count(api: Api) -> int:
@@ -83,6 +91,67 @@ async def test_policy_deny_is_403_with_reasons(api: Api) -> None:
     last = audit_events(api)[-1]
     assert last["event"] == "policy.decision"
     assert last["allow"] is False
+
+
+def prestarts(metrics: str, result: str) -> float:
+    """The ``mcp_sandbox_prestarts_total`` counter for ``result`` in a /metrics page."""
+    prefix = f'mcp_sandbox_prestarts_total{{result="{result}"}} '
+    values = [
+        float(line[len(prefix) :]) for line in metrics.splitlines() if line.startswith(prefix)
+    ]
+    return values[0] if values else 0.0
+
+
+async def metrics_page(api: Api) -> str:
+    status, raw = await api.call("GET", "/metrics", user=None)
+    assert status == 200
+    return bytes(raw).decode()
+
+
+async def test_denied_command_begun_early_never_runs(api: Api) -> None:
+    """bwrap is forked while the policy decides; a deny kills it before the command.
+
+    The subject has a workspace (so the fork happens), the command would leave
+    a file there and linger; after the 403 neither the file nor a process exists.
+    """
+    await api.run("true")  # alice's workspace exists from here on
+    token = secrets.token_hex(6)
+    before = prestarts(await metrics_page(api), "discarded")
+    status, body = await api.call(
+        "POST",
+        "/v1/commands",
+        json={"command": "sh", "args": ["-c", f"touch /workspace/{token}; sleep 30 # {token}"]},
+    )
+    assert status == 403, body
+    assert prestarts(await metrics_page(api), "discarded") == before + 1
+    await asyncio.sleep(0.5)  # time the command would have had to run
+    assert not (api.state / "workspaces" / "alice" / token).exists()
+    assert survivors(token) == []
+
+
+async def test_early_starts_stay_within_max_concurrent(api: Api) -> None:
+    """With every slot busy nothing is begun early: a burst cannot multiply sandboxes."""
+    await api.run("true")
+    page = await metrics_page(api)
+    submitted, discarded = prestarts(page, "submitted"), prestarts(page, "discarded")
+    ids = []
+    for _ in range(4):  # max_concurrent of the test config
+        status, body = await api.call(
+            "POST", "/v1/commands", json={"command": "sleep", "args": ["30"], "timeout": 60}
+        )
+        assert status == 202, body
+        ids.append(body["task_id"])
+    page = await metrics_page(api)
+    assert prestarts(page, "submitted") == submitted + 4
+    status, _ = await api.call("POST", "/v1/commands", json={"command": "true"})
+    assert status == 202
+    status, _ = await api.call("POST", "/v1/commands", json={"command": "sh", "args": ["-c", "id"]})
+    assert status == 403
+    page = await metrics_page(api)
+    assert prestarts(page, "submitted") == submitted + 4
+    assert prestarts(page, "discarded") == discarded
+    for task_id in ids:
+        await api.call("POST", f"/v1/tasks/{task_id}/cancel")
 
 
 async def test_missing_token_is_401(api: Api) -> None:

@@ -7,6 +7,7 @@ tested here too (marked ``unit``), next to the behaviour they decide.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import resource
 import secrets
@@ -410,6 +411,96 @@ async def test_failed_gate_means_the_command_never_runs(
     assert "audit log" in result.error
     assert not os.path.exists(os.path.join(workspace, token))  # noqa: ASYNC240
     assert survivors(token) == []
+
+
+# -- begun early (prestart) ------------------------------------------------------------------
+
+
+def request_for(workspace: str, *argv: str, limits: Limits = LIMITS) -> SandboxRequest:
+    return SandboxRequest(
+        task_id="test-" + secrets.token_hex(4), argv=argv, workspace=workspace, limits=limits
+    )
+
+
+@integration
+async def test_begun_early_runs_with_the_runs_own_limits(
+    any_sandbox: BwrapSandbox, workspace: str
+) -> None:
+    """A prestarted bwrap taken over by its run: same output, the run's rlimits and cgroup."""
+    begun = request_for(workspace, "sh", "-c", "ulimit -n; cat /proc/self/cgroup")
+    early = any_sandbox.prestart(begun)
+    assert early is not None
+    # The decision lowered a limit that is applied after the fork: still the same sandbox.
+    final = dataclasses.replace(begun, limits=dataclasses.replace(LIMITS, nofile=77))
+    assert early.matches(final)
+    out = Collected()
+    result = await any_sandbox.run(final, out, asyncio.Event(), early=early)
+    assert (result.exit_code, result.error) == (0, None), out.stderr
+    assert out.stdout.splitlines()[0] == "77"
+    if any_sandbox.cgroups.available:
+        assert f"/task-{begun.task_id}" in out.stdout
+
+
+@integration
+async def test_begun_early_and_discarded_never_runs(
+    any_sandbox: BwrapSandbox, workspace: str
+) -> None:
+    """A prestart that is discarded (the command was denied) is killed before the command."""
+    token = secrets.token_hex(6)
+    early = any_sandbox.prestart(
+        request_for(workspace, "sh", "-c", f"touch /workspace/{token}; sleep 30 # {token}")
+    )
+    assert early is not None
+    await asyncio.sleep(0.3)  # bwrap is set up and waits on its block fd
+    early.discard()
+    early.discard()  # idempotent
+    await asyncio.sleep(0.3)
+    assert not os.path.exists(os.path.join(workspace, token))  # noqa: ASYNC240
+    assert survivors(token) == []
+
+
+@integration
+async def test_begun_early_for_another_sandbox_is_not_used(
+    sandbox: BwrapSandbox, workspace: str
+) -> None:
+    """A run whose request would set bwrap up differently discards the early fork."""
+    token = secrets.token_hex(6)
+    begun = request_for(workspace, "sh", "-c", f"touch /workspace/{token}; sleep 30 # {token}")
+    early = sandbox.prestart(begun)
+    assert early is not None
+    bigger_tmp = dataclasses.replace(LIMITS, tmp_size_bytes=LIMITS.tmp_size_bytes * 2)
+    assert not early.matches(dataclasses.replace(begun, limits=bigger_tmp))
+    assert not early.matches(dataclasses.replace(begun, argv=("true",)))
+    other = request_for(workspace, "echo", "other")
+    out = Collected()
+    result = await sandbox.run(other, out, asyncio.Event(), early=early)
+    assert (result.exit_code, out.stdout) == (0, "other\n")
+    await asyncio.sleep(0.3)
+    assert not os.path.exists(os.path.join(workspace, token))  # noqa: ASYNC240
+    assert survivors(token) == []
+
+
+@integration
+async def test_begun_early_waits_for_a_failed_gate(sandbox: BwrapSandbox, workspace: str) -> None:
+    """A prestarted run whose gate fails (decision not durable) never runs the command."""
+
+    async def gate() -> None:
+        raise Unavailable("the audit log cannot be written")
+
+    token = secrets.token_hex(6)
+    req = request_for(workspace, "sh", "-c", f"touch /workspace/{token}; sleep 30 # {token}")
+    early = sandbox.prestart(req)
+    result = await sandbox.run(req, Collected(), asyncio.Event(), gate=gate(), early=early)
+    assert result.error is not None
+    assert "not started" in result.error
+    assert not os.path.exists(os.path.join(workspace, token))  # noqa: ASYNC240
+    assert survivors(token) == []
+
+
+@integration
+async def test_invalid_request_is_not_begun_early(sandbox: BwrapSandbox, workspace: str) -> None:
+    """What run() would refuse is not forked early either."""
+    assert sandbox.prestart(request_for(workspace, "")) is None
 
 
 @integration
