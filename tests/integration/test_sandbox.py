@@ -26,6 +26,7 @@ from gateway.models import Limits, RunResult, SandboxRequest, Stream
 from gateway.sandbox import (
     BwrapSandbox,
     OutputCap,
+    _parent_pid,
     classify_bwrap_failure,
     decode_status,
     parse_info,
@@ -234,6 +235,21 @@ V2_MOUNTINFO = (
 
 
 @unit
+@unit
+def test_parent_pid_survives_a_hostile_command_name(tmp_path: Path) -> None:
+    """The parent is read past the command name, whatever parentheses and spaces it holds."""
+    program = tmp_path / "x) 1 2 (y"
+    shutil.copy("/bin/sleep", program)
+    child = subprocess.Popen([str(program), "30"])
+    try:
+        assert _parent_pid(child.pid) == os.getpid()
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(OSError):  # gone: no such process
+        _parent_pid(child.pid)
+
+
 def test_parse_mountinfo() -> None:
     """cgroup v1 mounts list their limit/helper controllers; cgroup2 mounts are found too."""
     mounts = cg.parse_mountinfo(HYBRID_MOUNTINFO)
