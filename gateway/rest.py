@@ -6,8 +6,10 @@ error leaves through :func:`error_middleware` as JSON with a stable code.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -124,14 +126,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         trace_id = current_trace_ids().get("trace_id")
         elapsed = time.perf_counter() - started
         gateway.metrics.api_request_seconds.labels(transport="rest", method=route).observe(elapsed)
-        # Probes (/health, /ready every second from keepalived, /metrics) log at debug.
-        (log.debug if request.path in request.app[PUBLIC] else log.info)(
-            "request",
-            method=request.method,
-            route=template or request.path[:200],
-            status=response.status,
-            duration_ms=round(elapsed * 1000, 2),
-            transport="rest",
+        # Probes (/health, /ready every second from keepalived, /metrics) log at
+        # debug.  Logged on the loop's next turn, after the answer is sent; the
+        # callback runs in a copy of this context (request and trace ids).
+        asyncio.get_running_loop().call_soon(
+            functools.partial(
+                log.debug if request.path in request.app[PUBLIC] else log.info,
+                "request",
+                method=request.method,
+                route=template or request.path[:200],
+                status=response.status,
+                duration_ms=round(elapsed * 1000, 2),
+                transport="rest",
+            )
         )
     if trace_id is not None and not response.prepared:
         response.headers["X-Trace-Id"] = trace_id
