@@ -208,15 +208,14 @@ class TaskManager:
         sandbox before the command starts; it may still be pending now.
         ``early`` (from :meth:`prestart`) belongs to the task from here on.
         """
-        if early is not None:
-            self._early -= 1
-            self._metrics.sandbox_prestarts.labels(result="submitted").inc()
         try:
             self.check_capacity()
         except BaseException:
-            if early is not None:
-                early.discard()
+            self.discard(early)
             raise
+        if early is not None:
+            self._early -= 1
+            self._metrics.sandbox_prestarts.labels(result="submitted").inc()
         now = self._clock()
         record.created_at = now
         record.state = TaskState.QUEUED
