@@ -628,10 +628,10 @@ class AuditLog(AuditSink):
     transitions: only power loss could drop them, and the decision that
     allowed the task is always fsynced first).
 
-    ``on_latency(seconds)`` receives, for each durable record, the time
-    from its append until it was fsynced (background records appended
-    while an earlier one still waits for its fsync ride on that one's
-    measurement: one fsync covers them all); it must not raise (if it does, the
+    ``on_latency(seconds)`` receives, for each record, the time from its
+    append until it was fsynced, except for background records appended
+    while an earlier one still waits for its fsync: they ride on that
+    one's fsync and its measurement; it must not raise (if it does, the
     exception is ignored: the record is already durable).  With
     ``also_journald`` and an existing ``journald_socket`` each record is
     also sent, non-blocking and best-effort, as a journald native
@@ -732,7 +732,8 @@ class AuditLog(AuditSink):
             state.head = digest = record_hash(line)
             self._send_journald(state, line)
             if durable is not None or not state.background_queued:
-                state.background_queued = durable is None or state.background_queued
+                if durable is None:
+                    state.background_queued = True
                 ticket = _Ticket(state, asyncio.get_running_loop(), time.perf_counter(), durable)
                 self._syncer.submit(ticket)
         return digest

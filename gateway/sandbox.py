@@ -659,6 +659,15 @@ def _undo(forked: asyncio.Future[_Spawned] | None) -> None:
         forked.add_done_callback(_discard_spawned)
 
 
+async def _claim(pending: asyncio.Future[_Spawned]) -> _Spawned:
+    """Wait for a start; if the waiter is cancelled, the start is undone once it ends."""
+    try:
+        return await asyncio.shield(pending)
+    except asyncio.CancelledError:
+        _undo(pending)
+        raise
+
+
 def _setup_key(req: SandboxRequest) -> tuple[object, ...]:
     """What bwrap is forked with: its command line and fds (limits apply later)."""
     lim = req.limits
@@ -931,7 +940,8 @@ class BwrapSandbox:
             await self._cleanup(run)
 
     def prestart(self, req: SandboxRequest) -> Prestarted | None:
-        """See :meth:`Sandbox.prestart`: fork bwrap now, on a spawner thread.
+        """See :meth:`Sandbox.prestart`: fork bwrap now (on this thread if it is
+        the main thread, else on a spawner thread).
 
         The fork and bwrap's own set-up (namespaces, mounts) then overlap
         the decision; bwrap stops before the command, on its block fd,
@@ -1053,17 +1063,9 @@ class BwrapSandbox:
             if forked is None:
                 pending = self._spawner.submit(loop, lambda: self._start(run.req))
             else:
-                try:
-                    bwrap = await asyncio.shield(forked)
-                except asyncio.CancelledError:
-                    forked.add_done_callback(_discard_spawned)
-                    raise
+                bwrap = await _claim(forked)
                 pending = self._spawner.submit(loop, lambda: self._setup(run.req, bwrap))
-            try:
-                spawned = await asyncio.shield(pending)
-            except asyncio.CancelledError:
-                pending.add_done_callback(_discard_spawned)
-                raise
+            spawned = await _claim(pending)
         except OSError as exc:
             run.error = f"sandbox: cannot start bwrap: {exc.strerror or exc}"
             return None

@@ -17,6 +17,7 @@ import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -323,11 +324,12 @@ class Gateway:
         """
         self.tasks.check_capacity()
         task_id = self.task_ids.new()
-        early = self._prestart(subject, spec, task_id)
+        workspace = self.workspaces.existing(subject.id)
+        early = None if workspace is None else self._prestart(spec, task_id, workspace)
         try:
             durable, limits = await self._grant(subject, spec, ctx)
-            # An lstat when the workspace exists: cheaper than a thread hop.
-            workspace = self.workspaces.path_for(subject.id)
+            if workspace is None:  # made only once the command is allowed
+                workspace = self.workspaces.path_for(subject.id)
         except BaseException:
             self.tasks.discard(early)
             raise
@@ -355,18 +357,15 @@ class Gateway:
             raise _denied(decision)
         return durable, grant_limits(self.config.sandbox.limits, spec, decision.limits)
 
-    def _prestart(self, subject: Subject, spec: CommandSpec, task_id: str) -> Prestarted | None:
+    def _prestart(self, spec: CommandSpec, task_id: str, workspace: Path) -> Prestarted | None:
         """Fork bwrap for ``spec`` before it is decided, where nothing depends on the grant.
 
-        Not for a request that asks for the network (the grant decides
-        bwrap's command line), nor before the subject has a workspace (a
-        request must not create one before it is allowed).  The run uses the
+        Only into an existing ``workspace`` (a request must not create one
+        before it is allowed), and not for a request that asks for the
+        network (the grant decides bwrap's command line).  The run uses the
         fork only if the granted limits set bwrap up the same way.
         """
         if spec.network:
-            return None
-        workspace = self.workspaces.existing(subject.id)
-        if workspace is None:
             return None
         limits = grant_limits(self.config.sandbox.limits, spec, {})
         return self.tasks.prestart(_sandbox_request(task_id, spec, str(workspace), limits))

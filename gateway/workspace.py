@@ -652,19 +652,18 @@ class Workspaces:
         the workspace (mode 0o700) on first use, and refuses a workspace that
         is not a real directory (e.g. a planted symlink) with Internal.
         """
-        validate_subject_id(subject_id)
+        existing = self.existing(subject_id)  # the common case: one lstat
+        if existing is not None:
+            return existing
         path = self._root / subject_id
         try:
+            self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
             try:
-                st = os.lstat(path)  # the common case: it exists
-            except FileNotFoundError:
-                self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
-                try:
-                    os.mkdir(path, 0o700)
-                    os.chmod(path, 0o700)  # exactly 0o700 whatever the umask
-                except FileExistsError:
-                    pass
-                st = os.lstat(path)
+                os.mkdir(path, 0o700)
+                os.chmod(path, 0o700)  # exactly 0o700 whatever the umask
+            except FileExistsError:
+                pass
+            st = os.lstat(path)
         except OSError as exc:
             raise Internal(f"workspace of subject {subject_id!r} is unavailable") from exc
         if not stat_mod.S_ISDIR(st.st_mode):
