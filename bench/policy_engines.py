@@ -20,8 +20,14 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.roundtrip import TOKEN, bare_spawn, echo_decision_input, gateway_echo, latencies
-from gateway import bwrap as bw
+from bench.roundtrip import (
+    TOKEN,
+    bare_spawn,
+    echo_decision_input,
+    gateway_echo,
+    gateway_flags,
+    latencies,
+)
 from gateway.opa import OpaEngine
 from gateway.policy import EmbeddedEngine, PolicyEngine
 from tests.conftest import OPA, POLICIES, make_config
@@ -56,8 +62,8 @@ async def main(args: argparse.Namespace) -> None:
 
         workspace = work / "ws"
         workspace.mkdir()
-        layout = bw.HostLayout.probe()
-        bare = await latencies(lambda: bare_spawn(str(workspace), layout), args.trips, 3)
+        with gateway_flags() as flags:
+            bare = await latencies(lambda: bare_spawn(str(workspace), flags), args.trips, 3)
         trips: dict[str, list[float]] = {}
         for engine in ("embedded", "opa"):
             state = work / f"state-{engine}"

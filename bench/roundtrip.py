@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import os
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -37,7 +39,30 @@ from tests.integration.gateway_proc import GatewayProcess
 TOKEN = USERS["alice"][0]
 
 
-async def bare_spawn(workspace: str, layout: bw.HostLayout) -> None:
+@dataclasses.dataclass(frozen=True)
+class BareFlags:
+    """What the gateway's own bwrap command line is built from, besides the request."""
+
+    layout: bw.HostLayout
+    dev_dir: str | None  # private device nodes, used when the gateway runs as root
+
+
+@contextlib.contextmanager
+def gateway_flags() -> Iterator[BareFlags]:
+    """The host layout and device nodes a gateway on this host gives bwrap.
+
+    Taken from a :class:`BwrapSandbox` itself, so the bare spawn gets every
+    flag the gateway's spawn gets (as root that includes binding private
+    copies of the device nodes over bwrap's ``--dev`` ones).
+    """
+    sandbox = BwrapSandbox(cgroups="off", cgroup_parent=f"mcp-bench-bare-{os.getpid()}")
+    try:
+        yield BareFlags(sandbox.layout, sandbox.dev_dir)
+    finally:
+        sandbox.close()
+
+
+async def bare_spawn(workspace: str, flags: BareFlags) -> None:
     """One bwrap run of ``echo hello`` with the gateway's flags, output read."""
     req = SandboxRequest(
         task_id="0" * 32, argv=("echo", "hello"), workspace=workspace, limits=Limits()
@@ -53,7 +78,8 @@ async def bare_spawn(workspace: str, layout: bw.HostLayout) -> None:
         seccomp_fd=fds[0],
         passwd_fd=fds[1],
         group_fd=fds[2],
-        layout=layout,
+        layout=flags.layout,
+        dev_dir=flags.dev_dir,
     )
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -238,13 +264,13 @@ async def output_flood(
 
 
 async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="mcp-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mcp-bench-") as tmp, contextlib.ExitStack() as stack:
         tmpdir = Path(tmp)
         workspace = tmpdir / "ws"
         workspace.mkdir()
         state = tmpdir / "state"
         state.mkdir()
-        layout = bw.HostLayout.probe()
+        flags = stack.enter_context(gateway_flags())
         config = make_config(
             state,
             tasks={"max_concurrent": args.concurrency, "max_queue": 1024, "retention_s": 3600},
@@ -257,7 +283,7 @@ async def main(args: argparse.Namespace) -> None:
                 headers={"Authorization": f"Bearer {TOKEN}"},
                 connector=aiohttp.TCPConnector(limit=args.concurrency * 2),
             ) as session:
-                bare = lambda: bare_spawn(str(workspace), layout)  # noqa: E731
+                bare = lambda: bare_spawn(str(workspace), flags)  # noqa: E731
                 echo = lambda: gateway_echo(session, gw.url)  # noqa: E731
                 # Interleave the two series so machine noise hits both alike.
                 bare_lat: list[float] = []

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import secrets
 import tempfile
 from pathlib import Path
 
 import aiohttp
 
-from bench.roundtrip import bare_spawn, latencies, pct
-from gateway import bwrap as bw
+from bench.roundtrip import bare_spawn, gateway_flags, latencies, pct
 from tests.conftest import USERS, make_config
 from tests.integration.gateway_proc import GatewayProcess
 from tests.integration.jaeger import Jaeger
@@ -51,7 +51,10 @@ def start_gateway(tmp: Path, name: str, tracing: dict[str, object]) -> GatewayPr
 
 
 async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="mcp-bench-tracing-") as tmp_name:
+    with (
+        tempfile.TemporaryDirectory(prefix="mcp-bench-tracing-") as tmp_name,
+        contextlib.ExitStack() as stack,
+    ):
         tmp = Path(tmp_name)
         jaeger = Jaeger(tmp)
         jaeger.start()
@@ -63,7 +66,7 @@ async def main(args: argparse.Namespace) -> None:
         )
         workspace = tmp / "ws"
         workspace.mkdir()
-        layout = bw.HostLayout.probe()
+        flags = stack.enter_context(gateway_flags())
         off_lat: list[float] = []
         on_lat: list[float] = []
         bare_lat: list[float] = []
@@ -73,7 +76,7 @@ async def main(args: argparse.Namespace) -> None:
             ) as session:
                 per = args.n // args.rounds
                 for _ in range(args.rounds):
-                    bare_lat += await latencies(lambda: bare_spawn(str(workspace), layout), per, 3)
+                    bare_lat += await latencies(lambda: bare_spawn(str(workspace), flags), per, 3)
                     off_lat += await latencies(lambda: traced_echo(session, off.url), per, 3)
                     on_lat += await latencies(lambda: traced_echo(session, on.url), per, 3)
         finally:

@@ -438,6 +438,90 @@ def request_for(workspace: str, *argv: str, limits: Limits = LIMITS) -> SandboxR
     )
 
 
+async def run_gated(
+    sandbox: BwrapSandbox, workspace: str, begun_early: bool, error: Exception | None
+) -> tuple[RunResult, list[bool], str]:
+    """Run ``touch TOKEN`` behind a gate made as the service makes it (a future).
+
+    (With ``sleep 30`` after it when the gate fails.)  The gate ends 0.3 s
+    in (with ``error``, if given), once the sandbox is set up.  Returns the
+    result, whether the marker file existed when the gate ended, and the
+    token.
+    """
+    token = secrets.token_hex(6)
+    marker = os.path.join(workspace, token)
+    script = f"touch /workspace/{token}; sleep {30 if error else 0} # {token}"
+    req = request_for(workspace, "sh", "-c", script)
+    early = sandbox.prestart(req) if begun_early else None
+    loop = asyncio.get_running_loop()
+    gate: asyncio.Future[None] = loop.create_future()
+    seen: list[bool] = []
+
+    def end() -> None:
+        seen.append(os.path.exists(marker))
+        if error is None:
+            gate.set_result(None)
+        else:
+            gate.set_exception(error)
+
+    loop.call_later(0.3, end)
+    result = await sandbox.run(req, Collected(), asyncio.Event(), gate=gate, early=early)
+    return result, seen, token
+
+
+@integration
+@pytest.mark.parametrize("begun_early", [False, True], ids=["spawned", "begun-early"])
+async def test_pending_gate_future_holds_the_command(
+    sandbox: BwrapSandbox, workspace: str, begun_early: bool
+) -> None:
+    """A gate still pending when the sandbox is ready: the command waits for it."""
+    result, seen, token = await run_gated(sandbox, workspace, begun_early, None)
+    assert (result.exit_code, result.error) == (0, None)
+    assert seen == [False]
+    assert os.path.exists(os.path.join(workspace, token))  # noqa: ASYNC240
+    assert result.spawn_s is not None
+    assert result.spawn_s >= 0.3
+
+
+@integration
+@pytest.mark.parametrize("begun_early", [False, True], ids=["spawned", "begun-early"])
+async def test_gate_future_that_fails_never_releases_the_command(
+    sandbox: BwrapSandbox, workspace: str, begun_early: bool
+) -> None:
+    """The gate fails while the confined sandbox waits for it: the command never exists."""
+    error = Unavailable("the audit log cannot be written")
+    result, seen, token = await run_gated(sandbox, workspace, begun_early, error)
+    assert result.error is not None
+    assert "not started" in result.error
+    assert seen == [False]
+    assert not os.path.exists(os.path.join(workspace, token))  # noqa: ASYNC240
+    assert survivors(token) == []
+
+
+@integration
+@pytest.mark.parametrize("begun_early", [False, True], ids=["spawned", "begun-early"])
+async def test_gate_future_passed_before_the_sandbox_is_ready(
+    sandbox: BwrapSandbox, workspace: str, begun_early: bool
+) -> None:
+    """The usual case: the gate passed during set-up, the command runs with its limits."""
+    req = request_for(
+        workspace,
+        "sh",
+        "-c",
+        "ulimit -n; cat /proc/self/cgroup",
+        limits=dataclasses.replace(LIMITS, nofile=77),
+    )
+    early = sandbox.prestart(req) if begun_early else None
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    gate.set_result(None)
+    out = Collected()
+    result = await sandbox.run(req, out, asyncio.Event(), gate=gate, early=early)
+    assert (result.exit_code, result.error) == (0, None), out.stderr
+    assert out.stdout.splitlines()[0] == "77"
+    if sandbox.cgroups.available:
+        assert f"/task-{req.task_id}" in out.stdout
+
+
 @integration
 async def test_begun_early_runs_with_the_runs_own_limits(
     any_sandbox: BwrapSandbox, workspace: str
