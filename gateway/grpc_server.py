@@ -15,9 +15,11 @@ reflection are served next to ``mcp.McpService``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime
+import functools
 import mimetypes
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -269,12 +271,17 @@ class McpServicer(mcp_pb2_grpc.McpServiceServicer):
         if started is not None:
             elapsed = time.perf_counter() - started
             metrics.api_request_seconds.labels(transport="grpc", method=method).observe(elapsed)
-            log.info(
-                "request",
-                method=method,
-                code=code,
-                duration_ms=round(elapsed * 1000, 2),
-                transport="grpc",
+            # Logged on the loop's next turn, once grpcio has the answer to
+            # send (as REST does); the callback runs in a copy of this context.
+            asyncio.get_running_loop().call_soon(
+                functools.partial(
+                    log.info,
+                    "request",
+                    method=method,
+                    code=code,
+                    duration_ms=round(elapsed * 1000, 2),
+                    transport="grpc",
+                )
             )
 
     @contextlib.contextmanager

@@ -282,6 +282,15 @@ def test_logs_are_json_under_systemd_with_request_and_trace_ids(tmp_path: Path) 
     try:
         trace_id, status, headers = _traced_true(gw)
         assert status == 200
+        rpc_trace_id, _, rpc_header = _traceparent()
+        with grpc.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as channel:
+            stub = mcp_pb2_grpc.McpServiceStub(channel)
+            reply = stub.ExecuteCommand(
+                mcp_pb2.CommandRequest(command="true", timeout=30, wait=True),
+                metadata=(("authorization", f"Bearer {TOKEN}"), ("traceparent", rpc_header)),
+                timeout=30,
+            )
+        assert reply.result.exit_code == 0
     finally:
         gw.stop()
     lines = [json.loads(line) for line in gw.log_path.read_text().splitlines() if line]
@@ -292,6 +301,16 @@ def test_logs_are_json_under_systemd_with_request_and_trace_ids(tmp_path: Path) 
     assert line["trace_id"] == trace_id
     assert (line["level"], line["status"], line["transport"]) == ("info", 200, "rest")
     assert {"timestamp", "span_id", "duration_ms"} <= set(line)
+    # The gRPC access line (written once grpcio has the answer) keeps the RPC's ids too.
+    rpc = [r for r in lines if r.get("event") == "request" and r.get("transport") == "grpc"]
+    assert len(rpc) == 1, lines
+    assert (rpc[0]["method"], rpc[0]["code"], rpc[0]["trace_id"]) == (
+        "ExecuteCommand",
+        "OK",
+        rpc_trace_id,
+    )
+    decision = [r for r in _audit_records(gw, rpc_trace_id) if r["event"] == "policy.decision"]
+    assert [r["request_id"] for r in decision] == [rpc[0]["request_id"]]
 
 
 def test_export_over_mtls_to_the_collector(tmp_path: Path) -> None:
