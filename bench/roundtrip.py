@@ -299,9 +299,13 @@ async def main(args: argparse.Namespace) -> None:
                         gw_lat += await latencies(echo, args.n // args.rounds, 3)
                         grpc_lat += await latencies(via_grpc, args.n // args.rounds, 3)
                         mcp_lat += await latencies(mcp.echo, args.n // args.rounds, 3)
-                raw_tps = await throughput(bare, args.total, args.concurrency)
-                gw_tps = await throughput(echo, args.total, args.concurrency)
-                mcp_tps = await throughput(mcp.echo, args.total, args.concurrency)
+                # Interleaved runs too; each figure is the median of its runs.
+                runs: dict[str, list[float]] = {"raw": [], "rest": [], "mcp": []}
+                for _ in range(args.tp_rounds):
+                    runs["raw"].append(await throughput(bare, args.total, args.concurrency))
+                    runs["rest"].append(await throughput(echo, args.total, args.concurrency))
+                    runs["mcp"].append(await throughput(mcp.echo, args.total, args.concurrency))
+                raw_tps, gw_tps, mcp_tps = (statistics.median(runs[k]) for k in runs)
                 before, peak, flood = await output_flood(session, gw.url, gw.proc.pid)
         finally:
             gw.stop()
@@ -331,6 +335,7 @@ async def main(args: argparse.Namespace) -> None:
         f"  of which: sandbox.run alone p50 {s50:6.2f} ms ({s50 / b50:.2f}x bare); "
         f"one embedded policy decision p50 {p50:6.2f} ms"
     )
+    print(f"throughput: median of {args.tp_rounds} interleaved runs of {args.total} tasks each")
     print(f"raw bwrap loop          {raw_tps:7.1f} tasks/s at concurrency {args.concurrency}")
     print(f"gateway REST            {gw_tps:7.1f} tasks/s at concurrency {args.concurrency}")
     print(f"ratio throughput        {gw_tps / raw_tps:5.2f}x   (target >= 0.70x)")
@@ -348,5 +353,6 @@ if __name__ == "__main__":
     parser.add_argument("-n", type=int, default=200, help="sequential samples per series")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
     parser.add_argument("--total", type=int, default=320, help="tasks per throughput run")
+    parser.add_argument("--tp-rounds", type=int, default=3, help="interleaved throughput runs")
     parser.add_argument("--concurrency", type=int, default=16)
     asyncio.run(main(parser.parse_args()))
