@@ -10,11 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
+
 from gateway.errors import Internal
 from gateway.models import TaskState
+
+log = structlog.get_logger("gateway.store")
+
+#: How often the WAL is copied back into the database file (off the event loop).
+CHECKPOINT_INTERVAL_S = 1.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -106,20 +114,32 @@ class SqliteTaskStore:
     """A :class:`TaskStore` in one SQLite file (WAL mode).
 
     Calls are short and synchronous; the task manager makes a handful per
-    task, which costs less than handing each to a thread.
+    task, which costs less than handing each to a thread.  A commit only
+    appends to the WAL: copying the WAL back into the database file (a
+    checkpoint, which fsyncs both) is left to :class:`_Checkpointer`'s
+    thread, so the event loop never waits for a disk flush here.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a process crash (the case we test);
-            # only power loss can roll back the last commits.
+            # only power loss can roll back the last commits (those since the
+            # last checkpoint).
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # Commits never checkpoint (by default every ~1000 pages one of
+            # them would, fsyncs included, on the event loop).
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.executescript(_SCHEMA)
+            self._checkpointer = _Checkpointer(path, checkpoint_interval_s)
         except sqlite3.Error as exc:
             raise Internal(f"cannot open the task store: {exc}") from exc
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy the WAL into the database file now: (frames in the WAL, frames copied)."""
+        return self._checkpointer.checkpoint()
 
     def put(self, record: TaskRecord) -> None:
         doc = {
@@ -183,6 +203,45 @@ class SqliteTaskStore:
         return cur.rowcount
 
     def close(self) -> None:
+        self._checkpointer.close()
+        # The last connection to close checkpoints what is left and removes the WAL.
+        self._db.close()
+
+
+class _Checkpointer:
+    """Copies the WAL into the database file every ``interval_s``, on a thread of its own.
+
+    It has its own connection: a PASSIVE checkpoint never waits for (nor
+    blocks) the writer, which keeps appending to the WAL meanwhile.  A
+    failed round is logged and retried at the next one.
+    """
+
+    def __init__(self, path: Path, interval_s: float) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._interval_s = interval_s
+        self._lock = threading.Lock()  # one checkpoint at a time; none after close
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.checkpoint()
+            except sqlite3.Error as exc:
+                log.warning("task store checkpoint failed", error=str(exc))
+
+    def checkpoint(self) -> tuple[int, int]:
+        with self._lock:
+            if self._stop.is_set():
+                return (0, 0)
+            row = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return (int(row[1]), int(row[2]))
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop.set()
+        self._thread.join()
         self._db.close()
 
 
