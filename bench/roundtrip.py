@@ -264,13 +264,12 @@ async def output_flood(
 
 
 async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="mcp-bench-") as tmp, contextlib.ExitStack() as stack:
+    with tempfile.TemporaryDirectory(prefix="mcp-bench-") as tmp, gateway_flags() as flags:
         tmpdir = Path(tmp)
         workspace = tmpdir / "ws"
         workspace.mkdir()
         state = tmpdir / "state"
         state.mkdir()
-        flags = stack.enter_context(gateway_flags())
         config = make_config(
             state,
             tasks={"max_concurrent": args.concurrency, "max_queue": 1024, "retention_s": 3600},

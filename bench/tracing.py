@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import secrets
 import tempfile
 from pathlib import Path
@@ -53,7 +52,7 @@ def start_gateway(tmp: Path, name: str, tracing: dict[str, object]) -> GatewayPr
 async def main(args: argparse.Namespace) -> None:
     with (
         tempfile.TemporaryDirectory(prefix="mcp-bench-tracing-") as tmp_name,
-        contextlib.ExitStack() as stack,
+        gateway_flags() as flags,
     ):
         tmp = Path(tmp_name)
         jaeger = Jaeger(tmp)
@@ -66,7 +65,6 @@ async def main(args: argparse.Namespace) -> None:
         )
         workspace = tmp / "ws"
         workspace.mkdir()
-        flags = stack.enter_context(gateway_flags())
         off_lat: list[float] = []
         on_lat: list[float] = []
         bare_lat: list[float] = []
