@@ -68,6 +68,9 @@ def make_sandbox(config: Config, tracing: Tracing | None = None) -> BwrapSandbox
         bwrap_path=str(config.sandbox.bwrap),
         cgroup_parent=config.sandbox.cgroup_parent,
         tracing=tracing,
+        warm=config.sandbox.warm.per_subject,
+        warm_total=config.sandbox.warm.total,
+        warm_idle_s=config.sandbox.warm.idle_s,
     )
 
 

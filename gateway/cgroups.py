@@ -291,6 +291,31 @@ class TaskCgroup:
                 out.append(d)
         return tuple(out)
 
+    def set_limits(self, limits: Limits) -> None:
+        """Write ``limits`` again (they replace those :meth:`CgroupManager.create` wrote)."""
+        if self.v2_dir is not None:
+            _apply(self.v2_dir, v2_limit_files(limits, self.v2_controllers))
+        for ctrl, directory in self.v1_dirs.items():
+            writes = v1_limit_files(limits, ctrl)
+            if ctrl == "memory":
+                current = _read_int(os.path.join(directory, "memory.limit_in_bytes"))
+                if current is not None and current < limits.memory_bytes:
+                    # Raising: memory+swap first, the kernel refuses memsw < limit.
+                    writes[0], writes[1] = writes[1], writes[0]
+            _apply(directory, writes)
+
+    def reset_peak(self) -> None:
+        """Restart the memory high-water mark from the current usage, where the kernel can.
+
+        cgroup v1 resets ``memory.max_usage_in_bytes`` on a write of 0.  On
+        v2, ``memory.peak`` resets only for reads through the writing file
+        descriptor (Linux 6.12 on): not done, the peak keeps what came before.
+        """
+        mem = self.v1_dirs.get("memory")
+        if mem is not None and "memory" not in self.v2_controllers:  # what usage() reads
+            with contextlib.suppress(OSError):
+                _write(os.path.join(mem, "memory.max_usage_in_bytes"), "0")
+
     def attach(self, pid: int) -> None:
         """Move process ``pid`` (all its threads) into every directory of this task."""
         for d in self.dirs:

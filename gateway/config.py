@@ -176,11 +176,20 @@ class LimitsConfig(_Section):
     output_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
 
 
+class WarmConfig(_Section):
+    """Sandboxes set up ahead of a subject's next command (see gateway.warm)."""
+
+    per_subject: Annotated[int, Field(ge=0, le=8)] = 2  # 0 turns warm sandboxes off
+    total: Annotated[int, Field(ge=0, le=256)] = 16
+    idle_s: Annotated[float, Field(gt=0, le=86400)] = 120.0
+
+
 class SandboxConfig(_Section):
     bwrap: Path = Path("/usr/bin/bwrap")
     cgroup_parent: str = "mcp-gateway"
     limits: LimitsConfig = LimitsConfig()
     env_allowlist: tuple[str, ...] = ("TERM", "TZ", "LANG", "LC_ALL")
+    warm: WarmConfig = WarmConfig()
 
 
 class TasksConfig(_Section):

@@ -84,6 +84,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import os
 import queue
@@ -109,6 +110,7 @@ from gateway.errors import InvalidArgument, Unavailable
 from gateway.models import Limits, RunResult, SandboxRequest, Stream
 from gateway.seccomp import default_program, sealed_memfd, seccomp_fd
 from gateway.tracing import Tracing
+from gateway.warm import LAUNCHER, WarmPool, classify_launch_failure, launch_script, warm_key
 
 __all__ = [
     "BwrapSandbox",
@@ -615,6 +617,12 @@ class _Spawned:
     child_pidfd: int = -1
     bwrap_pid: int | None = None
     error: str | None = None  # why the command must not run
+    # A warm sandbox (see gateway.warm): its launcher, pid 1's only child,
+    # waits for the script the gateway writes into ``launcher_w``.
+    launcher_w: int = -1
+    launcher_pid: int | None = None
+    confined: Limits | None = None  # the limits a warm sandbox is confined with
+    cpu_base: float = 0.0  # its cgroup's CPU time before the command (the launcher's)
 
 
 def _discard_spawned(pending: asyncio.Future[_Spawned]) -> None:
@@ -637,6 +645,7 @@ def _discard(spawned: _Spawned) -> None:
         spawned.err_r,
         spawned.report_r,
         spawned.child_pidfd,
+        spawned.launcher_w,
     )
     cg = spawned.cgroup
 
@@ -750,6 +759,85 @@ def _read_info(fd: int, timeout_s: float) -> bytes | None:
             return bytes(data)
 
 
+def _reported_child(spawned: _Spawned) -> int:
+    """bwrap's child (the sandbox's pid 1) from its info fd, which is then closed."""
+    info = _read_info(spawned.info_r, _SETUP_TIMEOUT_S)
+    _close(spawned.info_r)
+    spawned.info_r = -1
+    child = None if info is None else parse_info(info)
+    if child is None:
+        raise OSError(errno.EIO, "bwrap did not report its child")
+    return child
+
+
+def _launcher_of(pid1: int) -> int | None:
+    """The host pid of a warm sandbox's launcher (pid 1's only child), None if not forked yet."""
+    with open(f"/proc/{pid1}/task/{pid1}/children", encoding="ascii") as fh:
+        kids = fh.read().split()
+    if len(kids) > 1:
+        raise OSError(errno.EPROTO, f"expected one child of the sandbox's pid 1, found {len(kids)}")
+    return int(kids[0]) if kids else None
+
+
+_WarmKey = tuple[str, str, bool, int]
+_WarmPool = WarmPool[_WarmKey, _Spawned, "asyncio.Future[_Spawned]"]
+_CAP_SYS_NICE = 23
+# How often a taken warm sandbox that is still setting up is looked at.
+_LAUNCHER_POLL_S = 0.0005
+
+
+def _may_renice(nice: int) -> bool:
+    """Whether this process may go back from SCHED_IDLE to ``nice`` (after lowering it).
+
+    With CAP_SYS_NICE, or an RLIMIT_NICE that allows ``nice`` (its ceiling
+    is ``20 - rlim_cur``; systemd's ``LimitNICE=``).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("CapEff:") and int(line.split()[1], 16) >> _CAP_SYS_NICE & 1:
+                    return True
+    except (OSError, ValueError):
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    return soft == resource.RLIM_INFINITY or 20 - soft <= nice
+
+
+def _pending_output(fd: int) -> bytes:
+    """What can be read from ``fd`` now without waiting (at most 4 KiB)."""
+    try:
+        ready, _, _ = select.select([fd], [], [], 0)
+        return os.read(fd, 4096) if ready else b""
+    except OSError:
+        return b""
+
+
+def _alive(spawned: _Spawned) -> bool:
+    """Whether a warm sandbox's pid 1 still exists (its launcher is checked when taken)."""
+    try:
+        signal.pidfd_send_signal(spawned.child_pidfd, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _launch(run: _Run, fd: int) -> bool:
+    """Write ``run``'s script to a warm sandbox's launcher; False with ``run.error``."""
+    script = launch_script(run.req)
+    if script is None:  # taken for a request it cannot run: never happens (see _take_warm)
+        run.error = "sandbox: the request cannot be run by a launcher"
+        return False
+    try:
+        # At most PIPE_BUF into an empty pipe: one atomic write that never blocks.
+        written = os.write(fd, script)
+    except OSError as exc:
+        written = -1
+        run.error = f"sandbox: cannot hand the command to the sandbox: {exc.strerror or exc}"
+    if 0 <= written < len(script):
+        run.error = "sandbox: cannot hand the command to the sandbox: short write"
+    return written == len(script)
+
+
 async def _passed(run: _Run, gate: Awaitable[None] | None) -> bool:
     """Whether the gate (if any) ended well; ``run.error`` says why not."""
     if gate is None:
@@ -773,7 +861,8 @@ class _Spawner:
     :data:`_SPAWN_THREADS` of them, started as needed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self._jobs: queue.SimpleQueue[
             tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]]
         ] = queue.SimpleQueue()
@@ -788,7 +877,7 @@ class _Spawner:
                 self._threads += 1
                 self._idle += 1
                 threading.Thread(
-                    target=self._serve, name=f"sandbox-spawn-{self._threads}", daemon=True
+                    target=self._serve, name=f"{self.name}-{self._threads}", daemon=True
                 ).start()
         self._jobs.put((loop, done, job))
         return done
@@ -825,8 +914,10 @@ def _settle(done: asyncio.Future[Any], outcome: tuple[Any, BaseException | None]
         done.set_result(result)
 
 
-# One per process: see _Spawner.
-_SPAWNER = _Spawner()
+# One per process: see _Spawner.  Warm sandboxes are started by their own
+# threads, so that a start never waits behind one (see BwrapSandbox._warm_up).
+_SPAWNER = _Spawner("sandbox-spawn")
+_WARMER = _Spawner("sandbox-warm")
 
 
 @dataclasses.dataclass(slots=True)
@@ -838,6 +929,7 @@ class _Proc:
     pumps: tuple[_Pump, _Pump]  # stdout, stderr
     block_w: int
     report_r: int = -1  # the subreaper shim's report (only without cgroups)
+    launcher_w: int = -1  # a warm sandbox's launcher script pipe
 
 
 @dataclasses.dataclass(slots=True)
@@ -855,6 +947,9 @@ class _Run:
     cancelled: bool = False
     error: str | None = None
     released_s: float | None = None  # run() start to the command's release
+    warm: bool = False  # run by a warm sandbox's launcher
+    warm_up: bool = True  # start warm sandboxes like this one once it is released
+    cpu_base: float = 0.0  # the cgroup's CPU time before the command
 
 
 class BwrapSandbox:
@@ -880,6 +975,9 @@ class BwrapSandbox:
         dev_dir_parent: str | None = None,
         cgroup_manager: CgroupManager | None = None,
         tracing: Tracing | None = None,
+        warm: int = 0,
+        warm_total: int = 16,
+        warm_idle_s: float = 120.0,
     ) -> None:
         check_bwrap(bwrap_path)
         self.tracing = tracing or Tracing()
@@ -899,9 +997,37 @@ class BwrapSandbox:
             "passwd": sealed_memfd("passwd", bw.synthetic_passwd()),
             "group": sealed_memfd("group", bw.synthetic_group()),
         }
+        # Warm sandboxes (see gateway.warm) need the cgroup to measure the
+        # command alone: the launcher's start-up is charged where it ran.
+        self._warm: _WarmPool | None = None
+        if warm > 0 and self.cgroups.measures_usage:
+            self._warm = WarmPool(
+                per_key=warm, total=warm_total, idle_s=warm_idle_s, discard=_discard
+            )
+        # Warm up only while fewer runs than cores are going: under load a
+        # warm sandbox saves no time, and starting one takes a core's time.
+        self._warm_below = os.cpu_count() or 1
+        self._active = 0
+        # Warm sandboxes are set up as SCHED_IDLE (they must not slow the runs
+        # going on: they get a core only when nothing else wants it) and given
+        # the gateway's own policy and nice value back when taken; only if
+        # the gateway may do that (SCHED_IDLE to SCHED_OTHER needs RLIMIT_NICE).
+        self._nice = os.getpriority(os.PRIO_PROCESS, 0)
+        self._chrt = shutil.which("chrt", path="/usr/bin:/bin")
+        self._warm_idle = (
+            self._chrt is not None
+            and os.sched_getscheduler(0) == os.SCHED_OTHER
+            and _may_renice(self._nice)
+        )
         # Also at garbage collection / interpreter exit, for owners that never call close().
         self._finalizer = weakref.finalize(
-            self, _release, self.dev_dir, self.cgroups, self._cleaner, tuple(self._sealed.values())
+            self,
+            _release,
+            self.dev_dir,
+            self.cgroups,
+            self._cleaner,
+            tuple(self._sealed.values()),
+            self._warm,
         )
 
     def close(self) -> None:
@@ -921,8 +1047,9 @@ class BwrapSandbox:
         *,
         gate: Awaitable[None] | None = None,
         early: Prestarted | None = None,
+        warm_up: bool = True,
     ) -> RunResult:
-        """See :meth:`Sandbox.run`."""
+        """See :meth:`Sandbox.run`; ``warm_up=False`` starts no warm sandboxes after it."""
         forked = _take(early, req)
         try:
             bw.validate_request(req)
@@ -933,11 +1060,15 @@ class BwrapSandbox:
         if cancel.is_set():
             _undo(forked)
             return RunResult(exit_code=None, cancelled=True)
-        run = _Run(req, started)
+        if forked is None:
+            forked = self._take_warm(req)
+        run = _Run(req, started, warm_up=warm_up)
+        self._active += 1
         try:
             return await self._run(run, on_output, cancel, gate, forked)
         finally:
             await self._cleanup(run)
+            self._active -= 1
 
     def prestart(self, req: SandboxRequest) -> Prestarted | None:
         """See :meth:`Sandbox.prestart`: fork bwrap now (on this thread if it is
@@ -951,6 +1082,11 @@ class BwrapSandbox:
             bw.validate_request(req)
         except InvalidArgument:
             return None
+        # A warm sandbox is confined now, with the limits asked for: the cgroup
+        # and rlimits overlap the decision; a run granted others rewrites them.
+        warm = self._take_warm(req)
+        if warm is not None:
+            return _Early(_setup_key(req), warm)
         loop = asyncio.get_running_loop()
         if threading.current_thread() is not threading.main_thread():
             return _Early(_setup_key(req), self._spawner.submit(loop, lambda: self._popen(req)))
@@ -962,6 +1098,90 @@ class BwrapSandbox:
         except OSError as exc:
             forked.set_exception(exc)
         return _Early(_setup_key(req), forked)
+
+    # -- warm sandboxes ------------------------------------------------------------------
+
+    @property
+    def warm_waiting(self) -> int:
+        """How many warm sandboxes wait for a command now."""
+        return 0 if self._warm is None else len(self._warm)
+
+    def _take_warm(self, req: SandboxRequest) -> asyncio.Future[_Spawned] | None:
+        """A warm sandbox for ``req`` being confined with its limits, if ``req`` fits
+        and one waits or is starting."""
+        if self._warm is None or launch_script(req) is None:
+            return None
+        member, starting = self._warm.take(warm_key(req), _alive)
+        if member is None and starting is None:
+            return None
+        return asyncio.ensure_future(self._confine_taken(req, member, starting))
+
+    async def _confine_taken(
+        self,
+        req: SandboxRequest,
+        member: _Spawned | None,
+        starting: asyncio.Future[_Spawned] | None,
+    ) -> _Spawned:
+        """A warm sandbox (waiting, or ``starting``), confined for ``req``.
+
+        A start that fails is replaced by a sandbox started for ``req``.
+        """
+        if member is None:
+            assert starting is not None  # noqa: S101 - _take_warm's contract
+            try:
+                member = await asyncio.shield(starting)
+            except OSError:
+                loop = asyncio.get_running_loop()
+                return await _claim(self._spawner.submit(loop, lambda: self._popen(req)))
+            except asyncio.CancelledError:
+                _undo(starting)
+                raise
+        try:
+            return await self._confine_warm(req, member)
+        except asyncio.CancelledError:
+            _discard(member)
+            raise
+
+    def _warm_up(self, req: SandboxRequest) -> None:
+        """Start warm sandboxes set up like ``req``'s, up to the pool's bounds.
+
+        Called once a run has released its command (the loop mostly waits
+        for it then), so the next request of the same kind finds one; not
+        while as many other runs as cores are going.
+        """
+        pool = self._warm
+        if pool is None or self._active - 1 >= self._warm_below:
+            return
+        key = warm_key(req)
+        wanted = pool.want(key)
+        if not wanted:
+            return
+        template = dataclasses.replace(
+            req,
+            task_id=os.urandom(16).hex(),
+            argv=LAUNCHER,
+            env=(),
+            stdin=None,
+            limits=Limits(network=req.limits.network, tmp_size_bytes=req.limits.tmp_size_bytes),
+        )
+        loop = asyncio.get_running_loop()
+        for _ in range(wanted):
+            started = _WARMER.submit(loop, lambda: self._warm_start(template))
+            pool.starting(key, started)
+            started.add_done_callback(functools.partial(self._warmed, pool, key))
+
+    @staticmethod
+    def _warmed(pool: _WarmPool, key: _WarmKey, started: asyncio.Future[_Spawned]) -> None:
+        member = None
+        if not started.cancelled():
+            exc = started.exception()
+            if exc is None:
+                member = started.result()
+            else:
+                log.warning("sandbox.warm_failed", error=str(exc))
+        if pool.started(key, started, member) and member is not None:
+            # Dropped on time even if no run comes to look.
+            asyncio.get_running_loop().call_later(pool.idle_s, pool.expire)
 
     async def _run(
         self,
@@ -989,12 +1209,20 @@ class BwrapSandbox:
                 if run.child_pid is None and run.error is None:
                     run.error = "sandbox: bwrap failed before starting the sandbox"
                 span.set_attribute("mcp.sandbox.error", run.error or "")
+            elif proc.launcher_w >= 0 and not _launch(run, proc.launcher_w):
+                self._kill_now(run)
+                span.set_attribute("mcp.sandbox.error", run.error or "")
             else:
                 run.released_s = time.monotonic() - run.started
             span.set_attribute("mcp.sandbox.cgroups", self.cgroups.mode)
-            # Release the block fd: bwrap forks and execs the command now.
-            _close(proc.block_w)
-            proc.block_w = -1
+            span.set_attribute("mcp.sandbox.warm", run.warm)
+            # Release the block fd (bwrap forks and execs the command now) or
+            # close the launcher's script pipe (it has its script, or EOF).
+            _close(proc.block_w, proc.launcher_w)
+            proc.block_w = proc.launcher_w = -1
+        # While the command runs, the loop mostly waits: start the next ones.
+        if run.warm_up:
+            self._warm_up(run.req)
 
         with self.tracing.span("command.run") as span:
             end = await self._supervise(run, proc, cancel)
@@ -1061,11 +1289,18 @@ class BwrapSandbox:
         """
         try:
             if forked is None:
-                pending = self._spawner.submit(loop, lambda: self._start(run.req))
+                spawned = await _claim(self._spawner.submit(loop, lambda: self._start(run.req)))
             else:
                 bwrap = await _claim(forked)
-                pending = self._spawner.submit(loop, lambda: self._setup(run.req, bwrap))
-            spawned = await _claim(pending)
+                if bwrap.launcher_w >= 0:
+                    # A warm sandbox, confined while deciding (or failed to be).
+                    spawned = bwrap
+                    if spawned.error is None and spawned.confined != run.req.limits:
+                        await self._confine_warm(run.req, spawned)
+                else:
+                    spawned = await _claim(
+                        self._spawner.submit(loop, lambda: self._setup(run.req, bwrap))
+                    )
         except OSError as exc:
             run.error = f"sandbox: cannot start bwrap: {exc.strerror or exc}"
             return None
@@ -1082,6 +1317,8 @@ class BwrapSandbox:
         run.child_pidfd = spawned.child_pidfd
         run.bwrap_pid = spawned.bwrap_pid
         run.error = spawned.error
+        run.warm = spawned.launcher_w >= 0
+        run.cpu_base = spawned.cpu_base
         return _Proc(
             popen=spawned.popen,
             reaper=reaper,
@@ -1099,12 +1336,19 @@ class BwrapSandbox:
             ),
             block_w=spawned.block_w,
             report_r=spawned.report_r,
+            launcher_w=spawned.launcher_w,
         )
 
-    def _popen(self, req: SandboxRequest) -> _Spawned:
-        """Make bwrap's fds and fork it (spawner thread); raises OSError, leaking nothing."""
+    def _popen(self, req: SandboxRequest, *, launcher: bool = False) -> _Spawned:
+        """Make bwrap's fds and fork it (spawner thread); raises OSError, leaking nothing.
+
+        A ``launcher`` (warm sandbox) gets a pipe as stdin instead of the
+        request's, the pipe's write end in ``launcher_w``, and runs as
+        SCHED_IDLE if the gateway may undo that.
+        """
         child_fds: list[int] = []
         parent_fds: list[int] = []
+        launcher_w = -1
         try:
             sec = _reopen(self._sealed["seccomp"])
             child_fds.append(sec)
@@ -1112,7 +1356,10 @@ class BwrapSandbox:
             child_fds.append(passwd)
             group = _reopen(self._sealed["group"])
             child_fds.append(group)
-            if req.stdin is not None:
+            if launcher:
+                stdin, launcher_w = os.pipe()
+                parent_fds.append(launcher_w)
+            elif req.stdin is not None:
                 stdin = _memfd("stdin", req.stdin)
             else:
                 stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -1141,6 +1388,8 @@ class BwrapSandbox:
                 dev_dir=self.dev_dir,
             )
             pass_fds = [sec, passwd, group, block_r, info_w]
+            if launcher and self._warm_idle and self._chrt is not None:
+                argv = [self._chrt, "--idle", "0", *argv]
             report_r = -1
             if not self.cgroups.measures_usage:
                 report_r, report_w = os.pipe()
@@ -1165,7 +1414,7 @@ class BwrapSandbox:
         finally:
             # bwrap holds its own copies now; ours would keep pipes from reaching EOF.
             _close(*child_fds)
-        return _Spawned(popen, block_w, info_r, out_r, err_r, report_r)
+        return _Spawned(popen, block_w, info_r, out_r, err_r, report_r, launcher_w=launcher_w)
 
     def _start(self, req: SandboxRequest) -> _Spawned:
         """Spawn bwrap, make the task cgroup, wait for bwrap's child and confine it.
@@ -1232,6 +1481,103 @@ class BwrapSandbox:
         except OSError as exc:
             return f"sandbox: cannot confine the sandbox: {exc.strerror or exc}"
         return None
+
+    async def _confine_warm(self, req: SandboxRequest, spawned: _Spawned) -> _Spawned:
+        """Give a warm sandbox ``req``'s limits and the gateway's priority (event loop).
+
+        Its processes are in their cgroup since pid 1 was started (see
+        :meth:`_warm_start`); the launcher waits in ``read`` for its script
+        and pid 1 for its only child, so neither forks before the script is
+        written, after this: the cgroup limits and the launcher's rlimits
+        apply to everything the command does.  A sandbox still setting up
+        is waited for (at its new priority).  The first time, the cgroup's
+        CPU time so far is noted (the launcher's start is not the command's)
+        and its memory peak reset where the kernel can.  Called again if the
+        run is granted other limits than the request asked for.  Failures
+        go to ``error`` (the command must not run).
+        """
+        cg, pid1 = spawned.cgroup, spawned.child_pid
+        first = spawned.confined is None
+        try:
+            if cg is None or pid1 is None:
+                raise ProcessLookupError(errno.ESRCH, "the warm sandbox is not ready")
+            if first:
+                if self._warm_idle:
+                    for pid in (spawned.popen.pid, pid1):
+                        self._restore_priority(pid)
+                spawned.launcher_pid = await self._await_launcher(pid1)
+                if self._warm_idle:
+                    self._restore_priority(spawned.launcher_pid)
+            launcher = spawned.launcher_pid
+            if launcher is None:
+                raise ProcessLookupError(errno.ESRCH, "the warm sandbox is not ready")
+            cg.set_limits(req.limits)
+            for res, value in plan_rlimits(
+                req.limits,
+                self._own_rlimits,
+                pids_cgroup="pids" in self.cgroups.controllers,
+                memory_cgroup="memory" in self.cgroups.controllers,
+            ):
+                resource.prlimit(launcher, res, value)
+            if first:
+                spawned.cpu_base = cg.usage().cpu_time_s or 0.0
+                cg.reset_peak()
+                # pid 1 alive (its pidfd) and still the launcher's parent: the
+                # launcher's pid was not recycled by something else meanwhile.
+                signal.pidfd_send_signal(spawned.child_pidfd, 0)
+                if _parent_pid(launcher) != pid1:
+                    raise ProcessLookupError(errno.ESRCH, "the launcher is gone")
+        except OSError as exc:
+            spawned.error = f"sandbox: cannot confine the sandbox: {exc.strerror or exc}"
+        else:
+            spawned.confined = req.limits
+        return spawned
+
+    def _restore_priority(self, pid: int) -> None:
+        os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, pid, self._nice)
+
+    @staticmethod
+    async def _await_launcher(pid1: int) -> int:
+        """The launcher's pid once pid 1 has forked it (polled: it is normally there)."""
+        deadline = time.monotonic() + _SETUP_TIMEOUT_S
+        while True:
+            launcher = _launcher_of(pid1)
+            if launcher is not None:
+                return launcher
+            if time.monotonic() >= deadline:
+                raise OSError(errno.ETIMEDOUT, "the warm sandbox did not finish its set-up")
+            await asyncio.sleep(_LAUNCHER_POLL_S)
+
+    def _warm_start(self, template: SandboxRequest) -> _Spawned:
+        """Start a warm sandbox and put its pid 1 into a cgroup (warm thread).
+
+        Like a start for a run (:meth:`_setup`), with the launcher for a
+        command and ``template``'s default limits, except that pid 1 is
+        released at once: it forks the launcher, which inherits the cgroup,
+        when its set-up is done.  A process's first move into a cgroup
+        waits for the kernel (an RCU grace period); here that is off any
+        run's path.  With SCHED_IDLE allowed, bwrap runs through
+        ``chrt --idle`` and so sets up only on otherwise idle cores.
+        """
+        spawned = self._popen(template, launcher=True)
+        try:
+            child = _reported_child(spawned)
+            spawned.child_pid = child
+            spawned.child_pidfd = os.pidfd_open(child)
+            spawned.bwrap_pid = _bwrap_pid(spawned.popen.pid, child, shim=False)
+            spawned.cgroup = self.cgroups.create(template.task_id, template.limits)
+            spawned.cgroup.attach(child)
+            _close(spawned.block_w)
+            spawned.block_w = -1
+        except OSError as exc:
+            said = _pending_output(spawned.err_r)
+            _discard(spawned)
+            raise OSError(exc.errno, f"{exc.strerror or exc}: {said!r}") from exc
+        except BaseException:
+            _discard(spawned)
+            raise
+        return spawned
 
     def _kill_now(self, run: _Run) -> None:
         """SIGKILL bwrap's pid 1 (so the whole pid namespace) and bwrap's process group.
@@ -1303,6 +1649,8 @@ class BwrapSandbox:
         head = bytes(run.proc.pumps[1].head) if run.proc is not None else b""
         if error is None and not (run.timed_out or run.cancelled):
             failure = classify_bwrap_failure(exit_code, head)
+            if failure is None and run.warm:
+                failure = classify_launch_failure(exit_code, head, run.req.argv[0])
             if failure is not None:
                 error, exit_code = failure
         elif run.proc is not None and run.child_pid is None:
@@ -1315,7 +1663,7 @@ class BwrapSandbox:
         rss = 0 if end is None else end.maxrss_bytes
         if run.cgroup is not None:
             usage = run.cgroup.usage()
-            cpu = usage.cpu_time_s if usage.cpu_time_s is not None else cpu
+            cpu = usage.cpu_time_s - run.cpu_base if usage.cpu_time_s is not None else cpu
             rss = usage.peak_memory_bytes if usage.peak_memory_bytes is not None else rss
         return RunResult(
             exit_code=exit_code,
@@ -1337,8 +1685,8 @@ class BwrapSandbox:
         """Whatever happened (even cancellation of run()): nothing survives, nothing leaks."""
         proc = run.proc
         if proc is not None:
-            _close(proc.block_w, proc.report_r)
-            proc.block_w = proc.report_r = -1
+            _close(proc.block_w, proc.report_r, proc.launcher_w)
+            proc.block_w = proc.report_r = proc.launcher_w = -1
             if not proc.reaper.exited.done():
                 self._kill_now(run)
                 with contextlib.suppress(TimeoutError):
@@ -1424,7 +1772,8 @@ class BwrapSandbox:
                 stderr.extend(data)
 
         req = SandboxRequest(task_id=task_id, argv=argv, workspace=workspace, limits=limits)
-        result = await self.run(req, keep, asyncio.Event())
+        # Its workspace is gone right after: no warm sandboxes for it.
+        result = await self.run(req, keep, asyncio.Event(), warm_up=False)
         return result, bytes(stderr)
 
 
@@ -1454,8 +1803,14 @@ def _shim_report(proc: _Proc, end: _Exit) -> _Exit:
 
 
 def _release(
-    dev_dir: str | None, cgroups: CgroupManager, cleaner: _Cleaner, sealed: tuple[int, ...]
+    dev_dir: str | None,
+    cgroups: CgroupManager,
+    cleaner: _Cleaner,
+    sealed: tuple[int, ...],
+    warm: _WarmPool | None,
 ) -> None:
+    if warm is not None:
+        warm.close()
     cleaner.join()
     _close(*sealed)
     if dev_dir is not None:
