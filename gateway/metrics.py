@@ -78,6 +78,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.sandbox_starts = Counter(
+            "mcp_sandbox_starts",
+            "Commands released in a sandbox, by how it was started: warm (set up ahead, "
+            "waiting for a command) or cold (started for the request).",
+            ["kind"],
+            registry=r,
+        )
         self.audit_write_seconds = Histogram(
             "mcp_audit_write_seconds",
             "Time to append and fsync one audit record.",

@@ -124,3 +124,4 @@ class RunResult:
     wall_time_s: float = 0.0
     error: str | None = None  # sandbox failure (bwrap could not start the command)
     spawn_s: float | None = None  # from run() to the command's release (None: never released)
+    warm: bool = False  # run by a warm sandbox (set up before the request came)

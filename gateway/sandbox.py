@@ -813,12 +813,15 @@ def _pending_output(fd: int) -> bytes:
 
 
 def _alive(spawned: _Spawned) -> bool:
-    """Whether a warm sandbox's pid 1 still exists (its launcher is checked when taken)."""
+    """Whether a warm sandbox's bwrap and pid 1 still run (its launcher is checked when taken)."""
+    if spawned.popen.poll() is not None or spawned.child_pid is None:
+        return False
     try:
         signal.pidfd_send_signal(spawned.child_pidfd, 0)
+        # Still bwrap's: a pid 1 whose bwrap died is an orphan on its way out.
+        return _parent_pid(spawned.child_pid) == spawned.popen.pid
     except OSError:
         return False
-    return True
 
 
 def _launch(run: _Run, fd: int) -> bool:
@@ -1106,6 +1109,20 @@ class BwrapSandbox:
         """How many warm sandboxes wait for a command now."""
         return 0 if self._warm is None else len(self._warm)
 
+    async def warm(self, req: SandboxRequest) -> int:
+        """Start warm sandboxes for requests like ``req`` now and wait until they are.
+
+        What a finished run does by itself (under the same bounds), for a
+        caller that knows which requests come next.  Returns how many are
+        waiting for such requests afterwards.
+        """
+        pool = self._warm
+        if pool is None or launch_script(req) is None:
+            return 0
+        starts = self._warm_up(req, force=True)
+        await asyncio.gather(*starts, return_exceptions=True)
+        return pool.waiting(warm_key(req))
+
     def _take_warm(self, req: SandboxRequest) -> asyncio.Future[_Spawned] | None:
         """A warm sandbox for ``req`` being confined with its limits, if ``req`` fits
         and one waits or is starting."""
@@ -1142,20 +1159,22 @@ class BwrapSandbox:
             _discard(member)
             raise
 
-    def _warm_up(self, req: SandboxRequest) -> None:
+    def _warm_up(
+        self, req: SandboxRequest, *, force: bool = False
+    ) -> list[asyncio.Future[_Spawned]]:
         """Start warm sandboxes set up like ``req``'s, up to the pool's bounds.
 
         Called once a run has released its command (the loop mostly waits
         for it then), so the next request of the same kind finds one; not
-        while as many other runs as cores are going.
+        while as many other runs as cores are going (unless ``force``).
         """
         pool = self._warm
-        if pool is None or self._active - 1 >= self._warm_below:
-            return
+        if pool is None or (not force and self._active - 1 >= self._warm_below):
+            return []
         key = warm_key(req)
         wanted = pool.want(key)
         if not wanted:
-            return
+            return []
         template = dataclasses.replace(
             req,
             task_id=os.urandom(16).hex(),
@@ -1165,10 +1184,13 @@ class BwrapSandbox:
             limits=Limits(network=req.limits.network, tmp_size_bytes=req.limits.tmp_size_bytes),
         )
         loop = asyncio.get_running_loop()
+        starts = []
         for _ in range(wanted):
             started = _WARMER.submit(loop, lambda: self._warm_start(template))
             pool.starting(key, started)
             started.add_done_callback(functools.partial(self._warmed, pool, key))
+            starts.append(started)
+        return starts
 
     @staticmethod
     def _warmed(pool: _WarmPool, key: _WarmKey, started: asyncio.Future[_Spawned]) -> None:
@@ -1505,7 +1527,7 @@ class BwrapSandbox:
                 if self._warm_idle:
                     for pid in (spawned.popen.pid, pid1):
                         self._restore_priority(pid)
-                spawned.launcher_pid = await self._await_launcher(pid1)
+                spawned.launcher_pid = await self._await_launcher(spawned, pid1)
                 if self._warm_idle:
                     self._restore_priority(spawned.launcher_pid)
             launcher = spawned.launcher_pid
@@ -1538,13 +1560,15 @@ class BwrapSandbox:
         os.setpriority(os.PRIO_PROCESS, pid, self._nice)
 
     @staticmethod
-    async def _await_launcher(pid1: int) -> int:
+    async def _await_launcher(spawned: _Spawned, pid1: int) -> int:
         """The launcher's pid once pid 1 has forked it (polled: it is normally there)."""
         deadline = time.monotonic() + _SETUP_TIMEOUT_S
         while True:
             launcher = _launcher_of(pid1)
             if launcher is not None:
                 return launcher
+            if not _alive(spawned):
+                raise ProcessLookupError(errno.ESRCH, "the warm sandbox is gone")
             if time.monotonic() >= deadline:
                 raise OSError(errno.ETIMEDOUT, "the warm sandbox did not finish its set-up")
             await asyncio.sleep(_LAUNCHER_POLL_S)
@@ -1679,6 +1703,7 @@ class BwrapSandbox:
             wall_time_s=wall,
             spawn_s=run.released_s,
             error=error,
+            warm=run.warm,
         )
 
     async def _cleanup(self, run: _Run) -> None:

@@ -269,6 +269,7 @@ class TaskManager:
                 self._slots.release()
             if result.spawn_s is not None:
                 self._metrics.task_start_seconds.observe(live.queue_wait_s + result.spawn_s)
+                self._metrics.sandbox_starts.labels(kind="warm" if result.warm else "cold").inc()
             await self._finish(live, result)
         except Exception as exc:  # the runner must always end the task
             log.exception("task runner failed", task_id=record.id)

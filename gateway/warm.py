@@ -167,6 +167,10 @@ class WarmPool(Generic[_K, _M, _P]):
     def __len__(self) -> int:
         return sum(len(q) for q in self._members.values())
 
+    def waiting(self, key: _K) -> int:
+        """How many members wait for ``key`` now (not counting those starting)."""
+        return len(self._members.get(key, ()))
+
     @property
     def pending(self) -> int:
         return sum(len(p) for p in self._pending.values())

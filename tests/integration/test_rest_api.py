@@ -95,7 +95,12 @@ async def test_policy_deny_is_403_with_reasons(api: Api) -> None:
 
 def prestarts(metrics: str, result: str) -> float:
     """The ``mcp_sandbox_prestarts_total`` counter for ``result`` in a /metrics page."""
-    prefix = f'mcp_sandbox_prestarts_total{{result="{result}"}} '
+    return sample(metrics, f'mcp_sandbox_prestarts_total{{result="{result}"}}')
+
+
+def sample(metrics: str, series: str) -> float:
+    """One series' value in a /metrics page (0 if absent)."""
+    prefix = series + " "
     values = [
         float(line[len(prefix) :]) for line in metrics.splitlines() if line.startswith(prefix)
     ]
@@ -127,6 +132,27 @@ async def test_denied_command_begun_early_never_runs(api: Api) -> None:
     await asyncio.sleep(0.5)  # time the command would have had to run
     assert not (api.state / "workspaces" / "alice" / token).exists()
     assert survivors(token) == []
+
+
+async def test_a_subjects_next_commands_run_in_warm_sandboxes(api: Api) -> None:
+    """After a first command, the subject's next ones find a sandbox set up and waiting.
+
+    Counted by ``mcp_sandbox_starts_total{kind}``; the commands run as usual.
+    """
+    warm = 'mcp_sandbox_starts_total{kind="warm"}'
+    cold = 'mcp_sandbox_starts_total{kind="cold"}'
+    first = await api.run("echo", "one")
+    assert first["stdout"] == "one\n"
+    page = await metrics_page(api)
+    warm_before, cold_before = sample(page, warm), sample(page, cold)
+    assert cold_before >= 1
+    for _ in range(3):
+        await asyncio.sleep(0.3)  # a person or an agent between two commands
+        task = await api.run("cat", "/proc/self/stat")
+        assert task["stdout"].startswith("2 (cat) "), task  # pid 1's child, as ever
+    page = await metrics_page(api)
+    assert sample(page, warm) == warm_before + 3
+    assert sample(page, cold) == cold_before
 
 
 async def test_early_starts_stay_within_max_concurrent(api: Api) -> None:

@@ -56,11 +56,24 @@ def rlimits_sandbox() -> Iterator[BwrapSandbox]:
     sb.close()
 
 
-@pytest.fixture(params=["cgroups", "rlimits-only"])
+@pytest.fixture(scope="module")
+def warm_sandbox() -> Iterator[BwrapSandbox]:
+    """Runs commands in warm sandboxes: :func:`run` warms one up for each request first."""
+    sb = BwrapSandbox(cgroup_parent=f"mcp-sandbox-warm-test-{os.getpid()}", warm=1)
+    yield sb
+    sb.close()
+
+
+@pytest.fixture(params=["cgroups", "rlimits-only", "warm"])
 def any_sandbox(
-    request: pytest.FixtureRequest, sandbox: BwrapSandbox, rlimits_sandbox: BwrapSandbox
+    request: pytest.FixtureRequest,
+    sandbox: BwrapSandbox,
+    rlimits_sandbox: BwrapSandbox,
+    warm_sandbox: BwrapSandbox,
 ) -> BwrapSandbox:
-    return sandbox if request.param == "cgroups" else rlimits_sandbox
+    return {"cgroups": sandbox, "rlimits-only": rlimits_sandbox, "warm": warm_sandbox}[
+        request.param
+    ]
 
 
 @pytest.fixture
@@ -96,6 +109,7 @@ async def run(
     *argv: str,
     cancel: asyncio.Event | None = None,
     out: Collected | None = None,
+    expect_warm: bool = True,
     **fields: object,
 ) -> tuple[RunResult, Collected]:
     out = out or Collected()
@@ -107,7 +121,11 @@ async def run(
         limits=limits,  # type: ignore[arg-type]
         **fields,  # type: ignore[arg-type]
     )
+    # With warm sandboxes on, one is made to wait for exactly this request first.
+    waiting = await sb.warm(req)
     result = await sb.run(req, out, cancel or asyncio.Event())
+    if waiting and expect_warm:
+        assert result.warm, result
     return result, out
 
 
@@ -733,7 +751,10 @@ async def test_no_fd_reaches_the_command(any_sandbox: BwrapSandbox, workspace: s
 async def test_concurrent_runs_do_not_mix(any_sandbox: BwrapSandbox, workspace: str) -> None:
     """Runs in parallel each get their own output and status."""
     results = await asyncio.gather(
-        *(run(any_sandbox, workspace, "sh", "-c", f"echo {i}; exit {i}") for i in range(6))
+        *(
+            run(any_sandbox, workspace, "sh", "-c", f"echo {i}; exit {i}", expect_warm=False)
+            for i in range(6)
+        )
     )
     for i, (result, out) in enumerate(results):
         assert (result.exit_code, out.stdout) == (i, f"{i}\n")

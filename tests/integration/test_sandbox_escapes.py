@@ -29,9 +29,17 @@ BASE_LIMITS = Limits(timeout_s=20.0, memory_bytes=256 << 20, pids=64, output_byt
 SECRET_ENV = "MCP_ESCAPE_TEST_SECRET"
 
 
-@pytest.fixture(scope="module", params=["auto", "off"], ids=["cgroups", "rlimits-only"])
+@pytest.fixture(
+    scope="module", params=["auto", "off", "warm"], ids=["cgroups", "rlimits-only", "warm"]
+)
 def sandbox(request: pytest.FixtureRequest) -> Iterator[BwrapSandbox]:
-    sb = BwrapSandbox(cgroup_parent=f"mcp-escape-test-{os.getpid()}", cgroups=request.param)
+    """The battery runs in sandboxes started for each case, and in warm ones."""
+    warm = request.param == "warm"
+    sb = BwrapSandbox(
+        cgroup_parent=f"mcp-escape-test-{os.getpid()}",
+        cgroups="auto" if warm else request.param,
+        warm=1 if warm else 0,
+    )
     yield sb
     sb.close()
 
@@ -81,10 +89,14 @@ def runner(sandbox: BwrapSandbox) -> Runner:
         def collect(stream: Stream, data: bytes) -> None:
             out[stream].extend(data)
 
+        # With warm sandboxes, one waits for exactly this request (unless the
+        # request is one a launcher cannot run, e.g. with stdin data).
+        waiting = await sandbox.warm(req)
         cancel = asyncio.Event()
         if case.cancel_after_s is not None:
             asyncio.get_running_loop().call_later(case.cancel_after_s, cancel.set)
         result = await sandbox.run(req, collect, cancel)
+        assert result.warm == bool(waiting), result
         return Outcome(
             exit_code=result.exit_code,
             signal=result.signal,
