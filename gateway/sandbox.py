@@ -781,26 +781,34 @@ def _launcher_of(pid1: int) -> int | None:
 
 _WarmKey = tuple[str, str, bool, int]
 _WarmPool = WarmPool[_WarmKey, _Spawned, "asyncio.Future[_Spawned]"]
-_CAP_SYS_NICE = 23
 # How often a taken warm sandbox that is still setting up is looked at.
 _LAUNCHER_POLL_S = 0.0005
 
 
-def _may_renice(nice: int) -> bool:
-    """Whether this process may go back from SCHED_IDLE to ``nice`` (after lowering it).
+def _idle_and_back(nice: int) -> bool:
+    """Whether a thread of this process may become SCHED_IDLE and then ``nice`` again.
 
-    With CAP_SYS_NICE, or an RLIMIT_NICE that allows ``nice`` (its ceiling
-    is ``20 - rlim_cur``; systemd's ``LimitNICE=``).
+    Tried on a thread of its own, which ends either way.  Going back needs
+    CAP_SYS_NICE or an RLIMIT_NICE that allows ``nice`` (systemd's
+    ``LimitNICE=``); a seccomp filter may refuse both calls.
     """
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("CapEff:") and int(line.split()[1], 16) >> _CAP_SYS_NICE & 1:
-                    return True
-    except (OSError, ValueError):
-        pass
-    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
-    return soft == resource.RLIM_INFINITY or 20 - soft <= nice
+    works: list[bool] = []
+
+    def probe() -> None:
+        tid = threading.get_native_id()
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError:
+            works.append(False)
+        else:
+            works.append(True)
+
+    thread = threading.Thread(target=probe, name="sandbox-sched-probe")
+    thread.start()
+    thread.join()
+    return works == [True]
 
 
 def _pending_output(fd: int) -> bytes:
@@ -1014,13 +1022,15 @@ class BwrapSandbox:
         # Warm sandboxes are set up as SCHED_IDLE (they must not slow the runs
         # going on: they get a core only when nothing else wants it) and given
         # the gateway's own policy and nice value back when taken; only if
-        # the gateway may do that (SCHED_IDLE to SCHED_OTHER needs RLIMIT_NICE).
+        # the gateway may do that (SCHED_IDLE to SCHED_OTHER needs CAP_SYS_NICE
+        # or RLIMIT_NICE), else at the gateway's priority.
         self._nice = os.getpriority(os.PRIO_PROCESS, 0)
         self._chrt = shutil.which("chrt", path="/usr/bin:/bin")
         self._warm_idle = (
-            self._chrt is not None
+            warm > 0
+            and self._chrt is not None
             and os.sched_getscheduler(0) == os.SCHED_OTHER
-            and _may_renice(self._nice)
+            and _idle_and_back(self._nice)
         )
         # Also at garbage collection / interpreter exit, for owners that never call close().
         self._finalizer = weakref.finalize(

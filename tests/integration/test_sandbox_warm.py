@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -257,3 +258,49 @@ async def test_without_cgroups_there_are_no_warm_sandboxes(tmp_path: Path) -> No
         assert (result.warm, out) == (False, "cold\n")
     finally:
         sb.close()
+
+
+def test_idle_set_up_only_where_the_priority_can_be_given_back() -> None:
+    """SCHED_IDLE for warm sandboxes needs the way back: CAP_SYS_NICE or RLIMIT_NICE.
+
+    As root (CAP_SYS_NICE) the probe succeeds; as an unprivileged user with
+    RLIMIT_NICE 0 it fails, and warm sandboxes are then set up at the
+    gateway's own priority.
+    """
+    assert os.geteuid() == 0, "the test suite runs as root"
+    probe = "from gateway.sandbox import _idle_and_back; print(_idle_and_back(0))"
+    as_root = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert as_root.stdout == "True\n"
+    as_nobody = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            probe,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert as_nobody.stdout == "False\n", as_nobody.stderr
+
+
+async def test_waiting_sandboxes_only_use_idle_cores(
+    warm_sandbox: BwrapSandbox, tmp_path: Path
+) -> None:
+    """While it waits (and while it sets up) a warm sandbox is SCHED_IDLE; taken, it is not."""
+    ws = workspace(tmp_path)
+    req = request(ws, "grep", "-E", "^policy ", "/proc/self/sched")
+    assert await warm_sandbox.warm(req) == 1
+    pids = sandbox_processes(ws)
+    assert pids
+    assert {os.sched_getscheduler(int(pid)) for pid in pids} == {os.SCHED_IDLE}
+    result, out, _ = await run(warm_sandbox, req)
+    assert result.warm, result
+    assert out.split() == ["policy", ":", str(os.SCHED_OTHER)]
