@@ -7,6 +7,11 @@ as an MCP ``tools/call`` of ``shell_execute``), their ratios, sustained
 tasks/s at concurrency 16 against a raw bwrap loop, and the gateway's RSS
 while 1 GiB of output streams through a capped task.
 
+The gateway runs with its default config, so a subject's next command finds
+a warm sandbox (set up while the previous one ran) where it can.  The same
+REST series against a second gateway with warm sandboxes off shows the
+gateway's own cost on top of a sandbox started for each command.
+
 Run with ``make bench`` (``python -m bench.roundtrip --help`` for knobs).
 """
 
@@ -277,6 +282,14 @@ async def main(args: argparse.Namespace) -> None:
         gw = GatewayProcess(config, tmpdir)
         gw.start()
         assert gw.proc is not None
+        # The same gateway without warm sandboxes: every command in a sandbox
+        # started for it, as the bare spawn is.
+        cold_dir = tmpdir / "cold"
+        (cold_dir / "state").mkdir(parents=True)
+        cold_gw = GatewayProcess(
+            make_config(cold_dir / "state", sandbox={"warm": {"per_subject": 0}}), cold_dir
+        )
+        cold_gw.start()
         try:
             async with aiohttp.ClientSession(
                 headers={"Authorization": f"Bearer {TOKEN}"},
@@ -284,9 +297,11 @@ async def main(args: argparse.Namespace) -> None:
             ) as session:
                 bare = lambda: bare_spawn(str(workspace), flags)  # noqa: E731
                 echo = lambda: gateway_echo(session, gw.url)  # noqa: E731
-                # Interleave the two series so machine noise hits both alike.
+                cold_echo = lambda: gateway_echo(session, cold_gw.url)  # noqa: E731
+                # Interleave the series so machine noise hits all alike.
                 bare_lat: list[float] = []
                 gw_lat: list[float] = []
+                cold_lat: list[float] = []
                 grpc_lat: list[float] = []
                 mcp_lat: list[float] = []
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.grpc_port}") as channel:
@@ -296,6 +311,7 @@ async def main(args: argparse.Namespace) -> None:
                     for _ in range(args.rounds):
                         bare_lat += await latencies(bare, args.n // args.rounds, 3)
                         gw_lat += await latencies(echo, args.n // args.rounds, 3)
+                        cold_lat += await latencies(cold_echo, args.n // args.rounds, 3)
                         grpc_lat += await latencies(via_grpc, args.n // args.rounds, 3)
                         mcp_lat += await latencies(mcp.echo, args.n // args.rounds, 3)
                 # Interleaved runs too; each figure is the median of its runs.
@@ -308,6 +324,7 @@ async def main(args: argparse.Namespace) -> None:
                 before, peak, flood = await output_flood(session, gw.url, gw.proc.pid)
         finally:
             gw.stop()
+            cold_gw.stop()
         parts = await breakdown(str(workspace), args.n // 2)
 
     b50, b95, g50, g95 = pct(bare_lat, 50), pct(bare_lat, 95), pct(gw_lat, 50), pct(gw_lat, 95)
@@ -316,6 +333,12 @@ async def main(args: argparse.Namespace) -> None:
     print(
         f"ratio REST/bare         p50 {g50 / b50:5.2f}x      p95 {g95 / b95:5.2f}x"
         "   (target p50 <= 1.30x)"
+    )
+    c50, c95 = pct(cold_lat, 50), pct(cold_lat, 95)
+    print(f"REST, no warm sandbox   p50 {c50:7.2f} ms   p95 {c95:7.2f} ms   (n={len(cold_lat)})")
+    print(
+        f"ratio REST cold/bare    p50 {c50 / b50:5.2f}x      p95 {c95 / b95:5.2f}x"
+        "   (the gateway's own cost; sandbox.warm.per_subject: 0)"
     )
     r50, r95 = pct(grpc_lat, 50), pct(grpc_lat, 95)
     print(f"gRPC exec echo (wait)   p50 {r50:7.2f} ms   p95 {r95:7.2f} ms   (n={len(grpc_lat)})")

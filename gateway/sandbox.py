@@ -1019,6 +1019,7 @@ class BwrapSandbox:
         # warm sandbox saves no time, and starting one takes a core's time.
         self._warm_below = os.cpu_count() or 1
         self._active = 0
+        self._warming: dict[asyncio.Future[_Spawned], list[int]] = {}
         # Warm sandboxes are set up as SCHED_IDLE (they must not slow the runs
         # going on: they get a core only when nothing else wants it) and given
         # the gateway's own policy and nice value back when taken; only if
@@ -1155,6 +1156,8 @@ class BwrapSandbox:
         """
         if member is None:
             assert starting is not None  # noqa: S101 - _take_warm's contract
+            # Wanted now: the rest of its set-up is no longer for idle cores.
+            self._hurry(self._warming.get(starting, []))
             try:
                 member = await asyncio.shield(starting)
             except OSError:
@@ -1196,7 +1199,10 @@ class BwrapSandbox:
         loop = asyncio.get_running_loop()
         starts = []
         for _ in range(wanted):
-            started = _WARMER.submit(loop, lambda: self._warm_start(template))
+            bwrap_pid: list[int] = []  # filled in by the warm thread once bwrap runs
+            started = _WARMER.submit(loop, functools.partial(self._warm_start, template, bwrap_pid))
+            self._warming[started] = bwrap_pid
+            started.add_done_callback(self._warming.pop)
             pool.starting(key, started)
             started.add_done_callback(functools.partial(self._warmed, pool, key))
             starts.append(started)
@@ -1583,7 +1589,21 @@ class BwrapSandbox:
                 raise OSError(errno.ETIMEDOUT, "the warm sandbox did not finish its set-up")
             await asyncio.sleep(_LAUNCHER_POLL_S)
 
-    def _warm_start(self, template: SandboxRequest) -> _Spawned:
+    def _hurry(self, bwrap_pid: list[int]) -> None:
+        """Give a warm sandbox still setting up (bwrap and its pid 1) the gateway's priority.
+
+        Best effort: bwrap may not run yet (then it is not hurried) or be
+        gone (then its start fails and the taker starts a sandbox itself).
+        """
+        if not self._warm_idle or not bwrap_pid:
+            return
+        with contextlib.suppress(OSError):
+            self._restore_priority(bwrap_pid[0])
+            with open(f"/proc/{bwrap_pid[0]}/task/{bwrap_pid[0]}/children", encoding="ascii") as fh:
+                for child in fh.read().split():
+                    self._restore_priority(int(child))
+
+    def _warm_start(self, template: SandboxRequest, bwrap_pid: list[int]) -> _Spawned:
         """Start a warm sandbox and put its pid 1 into a cgroup (warm thread).
 
         Like a start for a run (:meth:`_setup`), with the launcher for a
@@ -1595,6 +1615,7 @@ class BwrapSandbox:
         ``chrt --idle`` and so sets up only on otherwise idle cores.
         """
         spawned = self._popen(template, launcher=True)
+        bwrap_pid.append(spawned.popen.pid)
         try:
             child = _reported_child(spawned)
             spawned.child_pid = child
