@@ -10,7 +10,10 @@ while 1 GiB of output streams through a capped task.
 The gateway runs with its default config, so a subject's next command finds
 a warm sandbox (set up while the previous one ran) where it can.  The same
 REST series against a second gateway with warm sandboxes off shows the
-gateway's own cost on top of a sandbox started for each command.
+gateway's own cost on top of a sandbox started for each command.  The
+latency series send requests back to back; one more series puts a pause
+before each request (bare spawn, warm and cold gateway taking turns), as an
+agent does between two tool calls.
 
 Run with ``make bench`` (``python -m bench.roundtrip --help`` for knobs).
 """
@@ -314,6 +317,13 @@ async def main(args: argparse.Namespace) -> None:
                         cold_lat += await latencies(cold_echo, args.n // args.rounds, 3)
                         grpc_lat += await latencies(via_grpc, args.n // args.rounds, 3)
                         mcp_lat += await latencies(mcp.echo, args.n // args.rounds, 3)
+                # Requests with a pause before each (an agent between two tool
+                # calls), taking turns: the warm sandbox is set up in the pause.
+                paced: dict[str, list[float]] = {"bare": [], "warm": [], "cold": []}
+                for _ in range(args.paced_n):
+                    for name, fn in (("bare", bare), ("warm", echo), ("cold", cold_echo)):
+                        await asyncio.sleep(args.pause_ms / 1000)
+                        paced[name] += await latencies(fn, 1, 0)
                 # Interleaved runs too; each figure is the median of its runs.
                 runs: dict[str, list[float]] = {"raw": [], "rest": [], "mcp": []}
                 for _ in range(args.tp_rounds):
@@ -352,6 +362,11 @@ async def main(args: argparse.Namespace) -> None:
         f"ratio MCP/bare          p50 {m50 / b50:5.2f}x      p95 {m95 / b95:5.2f}x"
         "   (target p50 <= 1.50x)"
     )
+    pb, pw, pc = (pct(paced[k], 50) for k in ("bare", "warm", "cold"))
+    print(
+        f"with {args.pause_ms:g} ms pauses      p50 bare {pb:.2f} ms, REST warm {pw:.2f} ms "
+        f"({pw / pb:.2f}x), REST cold {pc:.2f} ms ({pc / pb:.2f}x)   (n={args.paced_n} each)"
+    )
     s50, p50 = pct(parts["sandbox"], 50), pct(parts["policy"], 50)
     print(
         f"  of which: sandbox.run alone p50 {s50:6.2f} ms ({s50 / b50:.2f}x bare); "
@@ -377,4 +392,6 @@ if __name__ == "__main__":
     parser.add_argument("--total", type=int, default=320, help="tasks per throughput run")
     parser.add_argument("--tp-rounds", type=int, default=3, help="interleaved throughput runs")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--paced-n", type=int, default=100, help="requests with a pause, each")
+    parser.add_argument("--pause-ms", type=float, default=20.0, help="the pause before each")
     asyncio.run(main(parser.parse_args()))

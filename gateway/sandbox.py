@@ -66,6 +66,19 @@ lives as long as the process: a dedicated spawner thread (:class:`_Spawner`),
 never a pool worker that could retire while its sandboxes run, or the main
 thread.
 
+Warm sandboxes
+--------------
+With ``warm`` > 0, a run that has released its command starts sandboxes
+like its own ahead of time (:meth:`BwrapSandbox._warm_up`, see
+:mod:`gateway.warm`): bwrap runs ``/bin/sh`` reading a script from a pipe,
+set up as SCHED_IDLE on ``sandbox-warm`` threads, its pid 1 moved into a
+cgroup of its own before it forks the launcher.  A later request that fits
+takes one (:meth:`BwrapSandbox._take_warm`, from :meth:`prestart` or
+:meth:`run`): its cgroup gets the granted limits, the launcher the granted
+rlimits, all three processes the gateway's priority; at the gate the
+script (``exec`` of the command) is written instead of the block fd being
+released.
+
 Begun early
 -----------
 :meth:`BwrapSandbox.prestart` forks bwrap (step 2 alone) before the run is

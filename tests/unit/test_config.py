@@ -34,6 +34,8 @@ def test_dev_config_loads_and_resolves_paths() -> None:
         ({"auth": {"tokens": [{"subject": "a", "sha256": "xyz"}]}}, "auth.tokens.0.sha256"),
         ({"audit": {"redact": ["("]}}, "audit.redact"),
         ({"policy": {"engine": "magic"}}, "policy.engine"),
+        ({"sandbox": {"warm": {"per_subject": 9}}}, "sandbox.warm.per_subject"),
+        ({"sandbox": {"warm": {"idle_s": 0}}}, "sandbox.warm.idle_s"),
         (
             {"sandbox": {"limits": {"timeout_s": 100, "max_timeout_s": 10}}},
             "sandbox.limits.timeout_s",
