@@ -635,6 +635,8 @@ class _Spawned:
     launcher_w: int = -1
     launcher_pid: int | None = None
     confined: Limits | None = None  # the limits a warm sandbox is confined with
+    # The workspace directory a warm sandbox binds: (path, (st_dev, st_ino)).
+    workspace: tuple[str, tuple[int, int]] | None = None
     cpu_base: float = 0.0  # its cgroup's CPU time before the command (the launcher's)
 
 
@@ -833,10 +835,23 @@ def _pending_output(fd: int) -> bytes:
         return b""
 
 
+def _dir_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def _alive(spawned: _Spawned) -> bool:
-    """Whether a warm sandbox's bwrap and pid 1 still run (its launcher is checked when taken)."""
+    """Whether a warm sandbox's bwrap and pid 1 still run (its launcher is checked when taken)
+    and its workspace path still names the directory it binds (not one put there since)."""
     if spawned.popen.poll() is not None or spawned.child_pid is None:
         return False
+    if spawned.workspace is not None:
+        path, bound = spawned.workspace
+        try:
+            if _dir_id(path) != bound:
+                return False
+        except OSError:
+            return False
     try:
         signal.pidfd_send_signal(spawned.child_pidfd, 0)
         # Still bwrap's: a pid 1 whose bwrap died is an orphan on its way out.
@@ -1627,7 +1642,9 @@ class BwrapSandbox:
         run's path.  With SCHED_IDLE allowed, bwrap runs through
         ``chrt --idle`` and so sets up only on otherwise idle cores.
         """
+        bound = _dir_id(template.workspace)  # bwrap binds it by path, next
         spawned = self._popen(template, launcher=True)
+        spawned.workspace = (template.workspace, bound)
         bwrap_pid.append(spawned.popen.pid)
         try:
             child = _reported_child(spawned)

@@ -304,3 +304,25 @@ async def test_waiting_sandboxes_only_use_idle_cores(
     result, out, _ = await run(warm_sandbox, req)
     assert result.warm, result
     assert out.split() == ["policy", ":", str(os.SCHED_OTHER)]
+
+
+async def test_a_replaced_workspace_is_not_served_by_a_stale_sandbox(
+    warm_sandbox: BwrapSandbox, tmp_path: Path
+) -> None:
+    """A warm sandbox binds the workspace directory it found; if another directory
+    takes that path meanwhile, the sandbox is dropped and the command sees the new one."""
+    ws = workspace(tmp_path, marker="old\n")
+    req = request(ws, "cat", "/workspace/marker")
+    assert await warm_sandbox.warm(req) == 1
+    replace_dir(ws, tmp_path / "old-ws", {"marker": "new\n"})
+    result, out, _ = await run(warm_sandbox, req)
+    assert (result.warm, result.exit_code, out) == (False, 0, "new\n")
+    assert warm_sandbox.warm_waiting == 0
+
+
+def replace_dir(path: str, aside: Path, files: dict[str, str]) -> None:
+    """Move ``path`` to ``aside`` and make a new directory with ``files`` at ``path``."""
+    os.rename(path, aside)
+    os.mkdir(path)
+    for name, text in files.items():
+        Path(path, name).write_text(text)
