@@ -638,6 +638,10 @@ class _Spawned:
     # The workspace directory a warm sandbox binds: (path, (st_dev, st_ino)).
     workspace: tuple[str, tuple[int, int]] | None = None
     cpu_base: float = 0.0  # its cgroup's CPU time before the command (the launcher's)
+    discarded: bool = False
+
+
+_DISCARD_LOCK = threading.Lock()
 
 
 def _discard_spawned(pending: asyncio.Future[_Spawned]) -> None:
@@ -647,7 +651,15 @@ def _discard_spawned(pending: asyncio.Future[_Spawned]) -> None:
 
 
 def _discard(spawned: _Spawned) -> None:
-    """Kill a bwrap that never ran its command (still blocked) and release what it had."""
+    """Kill a bwrap that never ran its command (still blocked) and release what it had.
+
+    Idempotent: a warm sandbox may be discarded both by :meth:`BwrapSandbox.close`
+    and by the pool it was on its way to.
+    """
+    with _DISCARD_LOCK:
+        if spawned.discarded:
+            return
+        spawned.discarded = True
     with contextlib.suppress(OSError):
         os.killpg(spawned.popen.pid, signal.SIGKILL)
     if spawned.child_pidfd >= 0:
@@ -1048,6 +1060,10 @@ class BwrapSandbox:
         self._warm_below = os.cpu_count() or 1
         self._active = 0
         self._warming: dict[asyncio.Future[_Spawned], list[int]] = {}
+        # Warm sandboxes started but not yet in the pool or with a taker.
+        self._in_flight: dict[int, _Spawned] = {}
+        self._warm_lock = threading.Lock()
+        self._closed = False
         # Warm sandboxes are set up as SCHED_IDLE (they must not slow the runs
         # going on: they get a core only when nothing else wants it) and given
         # the gateway's own policy and nice value back when taken; only if
@@ -1073,10 +1089,18 @@ class BwrapSandbox:
         )
 
     def close(self) -> None:
-        """Remove the private device nodes and the (empty) cgroup base directories.
+        """Kill the warm sandboxes; remove the private device nodes and the (empty)
+        cgroup base directories.
 
         Idempotent; runs by itself at garbage collection or interpreter exit.
+        Warm sandboxes still starting are killed too, even if the event loop
+        that wanted them has stopped.
         """
+        with self._warm_lock:
+            self._closed = True
+            stranded, self._in_flight = list(self._in_flight.values()), {}
+        for spawned in stranded:
+            _discard(spawned)
         self._finalizer()
 
     # -- running -------------------------------------------------------------------------
@@ -1188,6 +1212,7 @@ class BwrapSandbox:
             self._hurry(self._warming.get(starting, []))
             try:
                 member = await asyncio.shield(starting)
+                self._landed(member)
             except OSError:
                 loop = asyncio.get_running_loop()
                 return await _claim(self._spawner.submit(loop, lambda: self._popen(req)))
@@ -1236,13 +1261,19 @@ class BwrapSandbox:
             starts.append(started)
         return starts
 
-    @staticmethod
-    def _warmed(pool: _WarmPool, key: _WarmKey, started: asyncio.Future[_Spawned]) -> None:
+    def _landed(self, member: _Spawned) -> None:
+        """A warm sandbox's start ended (in the pool, with a taker, or failed):
+        close() no longer answers for it."""
+        with self._warm_lock:
+            self._in_flight.pop(id(member), None)
+
+    def _warmed(self, pool: _WarmPool, key: _WarmKey, started: asyncio.Future[_Spawned]) -> None:
         member = None
         if not started.cancelled():
             exc = started.exception()
             if exc is None:
                 member = started.result()
+                self._landed(member)
             else:
                 log.warning("sandbox.warm_failed", error=str(exc))
         if pool.started(key, started, member) and member is not None:
@@ -1644,7 +1675,13 @@ class BwrapSandbox:
         """
         bound = _dir_id(template.workspace)  # bwrap binds it by path, next
         spawned = self._popen(template, launcher=True)
-        spawned.workspace = (template.workspace, bound)
+        with self._warm_lock:
+            if not self._closed:
+                self._in_flight[id(spawned)] = spawned
+                spawned.workspace = (template.workspace, bound)
+        if spawned.workspace is None:
+            _discard(spawned)
+            raise OSError(errno.ECANCELED, "the sandbox is closed")
         bwrap_pid.append(spawned.popen.pid)
         try:
             child = _reported_child(spawned)
@@ -1658,9 +1695,11 @@ class BwrapSandbox:
         except OSError as exc:
             said = _pending_output(spawned.err_r)
             _discard(spawned)
+            self._landed(spawned)
             raise OSError(exc.errno, f"{exc.strerror or exc}: {said!r}") from exc
         except BaseException:
             _discard(spawned)
+            self._landed(spawned)
             raise
         return spawned
 

@@ -326,3 +326,15 @@ def replace_dir(path: str, aside: Path, files: dict[str, str]) -> None:
     os.mkdir(path)
     for name, text in files.items():
         Path(path, name).write_text(text)
+
+
+async def test_close_kills_warm_sandboxes_still_starting(tmp_path: Path) -> None:
+    """Warm sandboxes whose start has not reached the pool die with close() too."""
+    sb = BwrapSandbox(cgroup_parent=f"mcp-warm-inflight-{os.getpid()}", warm=2)
+    ws = workspace(tmp_path)
+    result = await sb.run(request(ws, "true"), lambda _s, _d: None, asyncio.Event())
+    assert result.exit_code == 0
+    sb.close()  # the two warm-ups the run started may still be on their way
+    await until(lambda: not sandbox_processes(ws))
+    assert sandbox_processes(ws) == []
+    assert sb.warm_waiting == 0
