@@ -786,17 +786,6 @@ def _read_info(fd: int, timeout_s: float) -> bytes | None:
             return bytes(data)
 
 
-def _reported_child(spawned: _Spawned) -> int:
-    """bwrap's child (the sandbox's pid 1) from its info fd, which is then closed."""
-    info = _read_info(spawned.info_r, _SETUP_TIMEOUT_S)
-    _close(spawned.info_r)
-    spawned.info_r = -1
-    child = None if info is None else parse_info(info)
-    if child is None:
-        raise OSError(errno.EIO, "bwrap did not report its child")
-    return child
-
-
 def _launcher_of(pid1: int) -> int | None:
     """The host pid of a warm sandbox's launcher (pid 1's only child), None if not forked yet."""
     with open(f"/proc/{pid1}/task/{pid1}/children", encoding="ascii") as fh:
@@ -1059,9 +1048,8 @@ class BwrapSandbox:
         # warm sandbox saves no time, and starting one takes a core's time.
         self._warm_below = os.cpu_count() or 1
         self._active = 0
-        self._warming: dict[asyncio.Future[_Spawned], list[int]] = {}
-        # Warm sandboxes started but not yet in the pool or with a taker.
-        self._in_flight: dict[int, _Spawned] = {}
+        # Warm sandboxes on their way (until their start ends): bwrap once forked.
+        self._warming: dict[asyncio.Future[_Spawned], list[_Spawned]] = {}
         self._warm_lock = threading.Lock()
         self._closed = False
         # Warm sandboxes are set up as SCHED_IDLE (they must not slow the runs
@@ -1098,7 +1086,7 @@ class BwrapSandbox:
         """
         with self._warm_lock:
             self._closed = True
-            stranded, self._in_flight = list(self._in_flight.values()), {}
+            stranded = [spawned for forked in self._warming.values() for spawned in forked]
         for spawned in stranded:
             _discard(spawned)
         self._finalizer()
@@ -1137,12 +1125,14 @@ class BwrapSandbox:
             self._active -= 1
 
     def prestart(self, req: SandboxRequest) -> Prestarted | None:
-        """See :meth:`Sandbox.prestart`: fork bwrap now (on this thread if it is
-        the main thread, else on a spawner thread).
+        """See :meth:`Sandbox.prestart`: take a warm sandbox for ``req`` if one
+        fits, else fork bwrap now (on this thread if it is the main thread,
+        else on a spawner thread).
 
         The fork and bwrap's own set-up (namespaces, mounts) then overlap
-        the decision; bwrap stops before the command, on its block fd,
-        whatever happens next.  None for a request :meth:`run` would refuse.
+        the decision; bwrap stops before the command, on its block fd (a
+        warm sandbox's launcher waits for its script), whatever happens
+        next.  None for a request :meth:`run` would refuse.
         """
         try:
             bw.validate_request(req)
@@ -1212,7 +1202,6 @@ class BwrapSandbox:
             self._hurry(self._warming.get(starting, []))
             try:
                 member = await asyncio.shield(starting)
-                self._landed(member)
             except OSError:
                 loop = asyncio.get_running_loop()
                 return await _claim(self._spawner.submit(loop, lambda: self._popen(req)))
@@ -1252,20 +1241,21 @@ class BwrapSandbox:
         loop = asyncio.get_running_loop()
         starts = []
         for _ in range(wanted):
-            bwrap_pid: list[int] = []  # filled in by the warm thread once bwrap runs
-            started = _WARMER.submit(loop, functools.partial(self._warm_start, template, bwrap_pid))
-            self._warming[started] = bwrap_pid
-            started.add_done_callback(self._warming.pop)
+            forked: list[_Spawned] = []
+            started = _WARMER.submit(loop, functools.partial(self._warm_start, template, forked))
+            with self._warm_lock:
+                self._warming[started] = forked
+            started.add_done_callback(self._landed)
             pool.starting(key, started)
             started.add_done_callback(functools.partial(self._warmed, pool, key))
             starts.append(started)
         return starts
 
-    def _landed(self, member: _Spawned) -> None:
-        """A warm sandbox's start ended (in the pool, with a taker, or failed):
+    def _landed(self, started: asyncio.Future[_Spawned]) -> None:
+        """A warm sandbox's start ended (for the pool, a taker, or failed):
         close() no longer answers for it."""
         with self._warm_lock:
-            self._in_flight.pop(id(member), None)
+            self._warming.pop(started, None)
 
     def _warmed(self, pool: _WarmPool, key: _WarmKey, started: asyncio.Future[_Spawned]) -> None:
         member = None
@@ -1273,7 +1263,6 @@ class BwrapSandbox:
             exc = started.exception()
             if exc is None:
                 member = started.result()
-                self._landed(member)
             else:
                 log.warning("sandbox.warm_failed", error=str(exc))
         if pool.started(key, started, member) and member is not None:
@@ -1521,12 +1510,13 @@ class BwrapSandbox:
         """
         return self._setup(req, self._popen(req))
 
-    def _setup(self, req: SandboxRequest, spawned: _Spawned) -> _Spawned:
+    def _setup(self, req: SandboxRequest, spawned: _Spawned, *, rlimits: bool = True) -> _Spawned:
         """Make the task cgroup, wait for bwrap's child and confine it (spawner thread).
 
         The cgroup is made while bwrap sets the sandbox up.  Problems that
         must keep the command from running are reported in ``error`` (the
         caller kills bwrap).  Nothing leaks if anything else goes wrong.
+        Without ``rlimits``, the child keeps the gateway's own.
         """
         try:
             if self.cgroups.available:
@@ -1544,13 +1534,15 @@ class BwrapSandbox:
                 return spawned
             spawned.child_pid = parse_info(info)
             if spawned.child_pid is not None and spawned.error is None:
-                spawned.error = self._confine(req, spawned, spawned.child_pid)
+                spawned.error = self._confine(req, spawned, spawned.child_pid, rlimits=rlimits)
         except BaseException:
             _discard(spawned)
             raise
         return spawned
 
-    def _confine(self, req: SandboxRequest, spawned: _Spawned, child: int) -> str | None:
+    def _confine(
+        self, req: SandboxRequest, spawned: _Spawned, child: int, *, rlimits: bool = True
+    ) -> str | None:
         """Move bwrap's blocked child into the cgroup and rlimit it; an error, or None.
 
         The child is the sandbox's pid 1 and every process of the command
@@ -1565,19 +1557,25 @@ class BwrapSandbox:
             spawned.bwrap_pid = _bwrap_pid(spawned.popen.pid, child, shim=spawned.report_r >= 0)
             if cg is not None:
                 cg.attach(child)
-            # bwrap's child inherited ours (bwrap sets none): no need to ask.
-            current = self._own_rlimits
-            ctrls = self.cgroups.controllers if cg is not None else frozenset()
-            for res, value in plan_rlimits(
-                req.limits,
-                current,
-                pids_cgroup="pids" in ctrls,
-                memory_cgroup="memory" in ctrls,
-            ):
-                resource.prlimit(child, res, value)
+            if rlimits:
+                self._rlimit(child, req.limits, cg)
         except OSError as exc:
             return f"sandbox: cannot confine the sandbox: {exc.strerror or exc}"
         return None
+
+    def _rlimit(self, pid: int, limits: Limits, cgroup: TaskCgroup | None) -> None:
+        """Set ``limits``' rlimits on ``pid`` (those ``cgroup`` does not stand for).
+
+        ``pid`` inherited the gateway's own (bwrap sets none): no need to ask.
+        """
+        ctrls = self.cgroups.controllers if cgroup is not None else frozenset()
+        for res, value in plan_rlimits(
+            limits,
+            self._own_rlimits,
+            pids_cgroup="pids" in ctrls,
+            memory_cgroup="memory" in ctrls,
+        ):
+            resource.prlimit(pid, res, value)
 
     async def _confine_warm(self, req: SandboxRequest, spawned: _Spawned) -> _Spawned:
         """Give a warm sandbox ``req``'s limits and the gateway's priority (event loop).
@@ -1609,13 +1607,7 @@ class BwrapSandbox:
             if launcher is None:
                 raise ProcessLookupError(errno.ESRCH, "the warm sandbox is not ready")
             cg.set_limits(req.limits)
-            for res, value in plan_rlimits(
-                req.limits,
-                self._own_rlimits,
-                pids_cgroup="pids" in self.cgroups.controllers,
-                memory_cgroup="memory" in self.cgroups.controllers,
-            ):
-                resource.prlimit(launcher, res, value)
+            self._rlimit(launcher, req.limits, cg)
             if first:
                 spawned.cpu_base = cg.usage().cpu_time_s or 0.0
                 cg.reset_peak()
@@ -1648,59 +1640,50 @@ class BwrapSandbox:
                 raise OSError(errno.ETIMEDOUT, "the warm sandbox did not finish its set-up")
             await asyncio.sleep(_LAUNCHER_POLL_S)
 
-    def _hurry(self, bwrap_pid: list[int]) -> None:
-        """Give a warm sandbox still setting up (bwrap and its pid 1) the gateway's priority.
+    def _hurry(self, forked: list[_Spawned]) -> None:
+        """Give a warm sandbox still setting up (bwrap and what it forked) the gateway's priority.
 
         Best effort: bwrap may not run yet (then it is not hurried) or be
         gone (then its start fails and the taker starts a sandbox itself).
         """
-        if not self._warm_idle or not bwrap_pid:
+        if not self._warm_idle or not forked:
             return
+        bwrap = forked[0].popen.pid
         with contextlib.suppress(OSError):
-            self._restore_priority(bwrap_pid[0])
-            with open(f"/proc/{bwrap_pid[0]}/task/{bwrap_pid[0]}/children", encoding="ascii") as fh:
-                for child in fh.read().split():
-                    self._restore_priority(int(child))
+            for pid in (bwrap, *_descendants(bwrap)):
+                self._restore_priority(pid)
 
-    def _warm_start(self, template: SandboxRequest, bwrap_pid: list[int]) -> _Spawned:
+    def _warm_start(self, template: SandboxRequest, forked: list[_Spawned]) -> _Spawned:
         """Start a warm sandbox and put its pid 1 into a cgroup (warm thread).
 
-        Like a start for a run (:meth:`_setup`), with the launcher for a
-        command and ``template``'s default limits, except that pid 1 is
-        released at once: it forks the launcher, which inherits the cgroup,
-        when its set-up is done.  A process's first move into a cgroup
-        waits for the kernel (an RCU grace period); here that is off any
-        run's path.  With SCHED_IDLE allowed, bwrap runs through
-        ``chrt --idle`` and so sets up only on otherwise idle cores.
+        A start for a run (:meth:`_setup`), with the launcher for a command
+        and ``template``'s default limits, except that pid 1 keeps the
+        gateway's rlimits (the run's are set on the launcher when it is
+        taken: lowered here, they could not be raised again) and is released
+        at once: it forks the launcher, which inherits the cgroup, when its
+        set-up is done.  A process's first move into a cgroup waits for the
+        kernel (an RCU grace period); here that is off any run's path.  With
+        SCHED_IDLE allowed, bwrap runs through ``chrt --idle`` and so sets
+        up only on otherwise idle cores.  ``forked`` receives bwrap as soon
+        as it runs (for :meth:`_hurry` and :meth:`close`).
         """
         bound = _dir_id(template.workspace)  # bwrap binds it by path, next
         spawned = self._popen(template, launcher=True)
+        spawned.workspace = (template.workspace, bound)
         with self._warm_lock:
-            if not self._closed:
-                self._in_flight[id(spawned)] = spawned
-                spawned.workspace = (template.workspace, bound)
-        if spawned.workspace is None:
+            closed = self._closed
+            if not closed:
+                forked.append(spawned)
+        if closed:
             _discard(spawned)
             raise OSError(errno.ECANCELED, "the sandbox is closed")
-        bwrap_pid.append(spawned.popen.pid)
-        try:
-            child = _reported_child(spawned)
-            spawned.child_pid = child
-            spawned.child_pidfd = os.pidfd_open(child)
-            spawned.bwrap_pid = _bwrap_pid(spawned.popen.pid, child, shim=False)
-            spawned.cgroup = self.cgroups.create(template.task_id, template.limits)
-            spawned.cgroup.attach(child)
-            _close(spawned.block_w)
-            spawned.block_w = -1
-        except OSError as exc:
+        self._setup(template, spawned, rlimits=False)  # discards bwrap if it raises
+        if spawned.error is not None or spawned.child_pid is None:
             said = _pending_output(spawned.err_r)
             _discard(spawned)
-            self._landed(spawned)
-            raise OSError(exc.errno, f"{exc.strerror or exc}: {said!r}") from exc
-        except BaseException:
-            _discard(spawned)
-            self._landed(spawned)
-            raise
+            raise OSError(errno.EIO, f"{spawned.error or 'bwrap reported no child'}: {said!r}")
+        _close(spawned.block_w)
+        spawned.block_w = -1
         return spawned
 
     def _kill_now(self, run: _Run) -> None:

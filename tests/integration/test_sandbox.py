@@ -130,8 +130,9 @@ async def run(
 
 
 def survivors(token: str) -> list[str]:
+    """Host pids of processes whose command line holds ``token`` (which may start with -)."""
     return subprocess.run(
-        ["pgrep", "-f", token], capture_output=True, text=True, check=False
+        ["pgrep", "-f", "--", token], capture_output=True, text=True, check=False
     ).stdout.split()
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from gateway.models import Limits, RunResult, SandboxRequest, Stream
 from gateway.sandbox import BwrapSandbox
+from tests.integration.test_sandbox import survivors
 
 pytestmark = pytest.mark.integration
 
@@ -82,9 +83,7 @@ async def run(sb: BwrapSandbox, req: SandboxRequest) -> tuple[RunResult, str, st
 
 def sandbox_processes(ws: str) -> list[str]:
     """Host pids of bwraps (and their sandboxes) that mount ``ws``."""
-    return subprocess.run(
-        ["pgrep", "-f", "--", f"--bind {ws} "], capture_output=True, text=True, check=False
-    ).stdout.split()
+    return survivors(f"--bind {ws} ")
 
 
 async def test_a_warm_sandbox_is_the_sandbox_a_cold_start_gives(
