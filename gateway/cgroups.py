@@ -1,8 +1,9 @@
 """Per-task control groups: limits, placement, usage, kill, removal.
 
 One *task cgroup* is created per sandboxed run, below a *base* cgroup the
-gateway owns, and removed afterwards.  What "a cgroup" is depends on the
-host:
+gateway owns, and removed afterwards (or kept for a later run, where that
+leaves nothing of this one: see :class:`CgroupPool`).  What "a cgroup" is
+depends on the host:
 
 ``v2``
     Pure unified hierarchy (production: systemd with ``Delegate=yes``).  The
@@ -44,6 +45,7 @@ import os
 import re
 import secrets
 import signal
+import threading
 import time
 from collections.abc import Collection, Mapping
 from typing import Literal
@@ -53,6 +55,7 @@ from gateway.models import Limits
 __all__ = [
     "CgroupManager",
     "CgroupMount",
+    "CgroupPool",
     "CgroupUsage",
     "Mode",
     "TaskCgroup",
@@ -238,8 +241,16 @@ def parse_keyed(text: str) -> dict[str, int]:
 
 
 def _read(path: str) -> str:
-    with open(path, encoding="ascii", errors="replace") as fh:
-        return fh.read()
+    # Three system calls (open() would add fstat, ioctl and lseek): the
+    # usage read is on every run's path.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("ascii", "replace")
 
 
 def _write(path: str, value: str) -> None:
@@ -265,22 +276,47 @@ def _procs(directory: str) -> list[int]:
         return []
 
 
-def _apply(directory: str, writes: list[tuple[str, str, bool]]) -> None:
+def _apply(
+    directory: str,
+    writes: list[tuple[str, str, bool]],
+    written: dict[str, str] | None = None,
+) -> None:
+    """Make the writes; with ``written`` (file -> value so far), skip those already made."""
     for name, value, required in writes:
+        if written is not None and written.get(name) == value:
+            continue
         try:
             _write(os.path.join(directory, name), value)
         except OSError as exc:
+            if written is not None:
+                written.pop(name, None)  # unknown now
             if required or exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM):
                 raise OSError(exc.errno, f"cannot set {name}={value}: {exc.strerror}") from exc
+        else:
+            if written is not None:
+                written[name] = value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TaskCgroup:
-    """The cgroup directories of one task (one v2 dir and/or one per v1 hierarchy)."""
+    """The cgroup directories of one task (one v2 dir and/or one per v1 hierarchy).
+
+    ``cpu_base`` is the CPU time the directories had counted before the task
+    (reused ones, see :class:`CgroupPool`): :meth:`usage` reports the rest.
+    ``written`` remembers the limit files written per directory, so writing
+    the same value again is skipped.
+    """
 
     v2_dir: str | None
     v1_dirs: Mapping[str, str]  # controller -> directory (co-mounted ones share it)
     v2_controllers: frozenset[str] = frozenset()
+    cpu_base: float = 0.0
+    written: dict[str, dict[str, str]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def _apply(self, directory: str, writes: list[tuple[str, str, bool]]) -> None:
+        _apply(directory, writes, self.written.setdefault(directory, {}))
 
     @property
     def dirs(self) -> tuple[str, ...]:
@@ -294,7 +330,7 @@ class TaskCgroup:
     def set_limits(self, limits: Limits) -> None:
         """Write ``limits`` again (they replace those :meth:`CgroupManager.create` wrote)."""
         if self.v2_dir is not None:
-            _apply(self.v2_dir, v2_limit_files(limits, self.v2_controllers))
+            self._apply(self.v2_dir, v2_limit_files(limits, self.v2_controllers))
         for ctrl, directory in self.v1_dirs.items():
             writes = v1_limit_files(limits, ctrl)
             if ctrl == "memory":
@@ -302,7 +338,7 @@ class TaskCgroup:
                 if current is not None and current < limits.memory_bytes:
                     # Raising: memory+swap first, the kernel refuses memsw < limit.
                     writes[0], writes[1] = writes[1], writes[0]
-            _apply(directory, writes)
+            self._apply(directory, writes)
 
     def reset_peak(self) -> None:
         """Restart the memory high-water mark from the current usage, where the kernel can.
@@ -327,6 +363,13 @@ class TaskCgroup:
         for d in self.dirs:
             seen.update(_procs(d))
         return sorted(seen)
+
+    def pids_charged(self) -> int:
+        """Processes the pids controller still counts: listed ones and zombies not yet reaped."""
+        dirs = [self.v1_dirs["pids"]] if "pids" in self.v1_dirs else []
+        if self.v2_dir is not None and "pids" in self.v2_controllers:
+            dirs.append(self.v2_dir)
+        return sum(_read_int(os.path.join(d, "pids.current")) or 0 for d in dirs)
 
     def signal_all(self, sig: int, exclude: Collection[int] = ()) -> int:
         """Send ``sig`` to every member except ``exclude``; return how many were signalled."""
@@ -383,13 +426,13 @@ class TaskCgroup:
             with contextlib.suppress(OSError):
                 stat = parse_keyed(_read(os.path.join(self.v2_dir, "cpu.stat")))
                 if "usage_usec" in stat:
-                    cpu = stat["usage_usec"] / 1e6
+                    cpu = stat["usage_usec"] / 1e6 - self.cpu_base
             if "memory" in self.v2_controllers:
                 peak = _read_int(os.path.join(self.v2_dir, "memory.peak"))
         acct = self.v1_dirs.get("cpuacct")
         if cpu is None and acct is not None:
             ns = _read_int(os.path.join(acct, "cpuacct.usage"))
-            cpu = None if ns is None else ns / 1e9
+            cpu = None if ns is None else ns / 1e9 - self.cpu_base
         mem = self.v1_dirs.get("memory")
         if peak is None and mem is not None:
             peak = _read_int(os.path.join(mem, "memory.max_usage_in_bytes"))
@@ -409,6 +452,14 @@ class TaskCgroup:
                     if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
                         raise
                     time.sleep(0.005)
+
+    def discard(self) -> None:
+        """Remove the directories, killing whatever is still in them first (blocking)."""
+        try:
+            self.remove(timeout_s=0.0)  # usually empty by now; the kernel refuses otherwise
+        except OSError:
+            self.kill()
+            self.remove()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -513,44 +564,147 @@ class CgroupManager:
             mode = "unavailable"
         return cls(mode, v2_base, v2_ctrls, v1_bases, tuple(notes), tuple(created))
 
-    def create(self, task_id: str, limits: Limits) -> TaskCgroup:
+    def create(self, task_id: str, limits: Limits, reuse: TaskCgroup | None = None) -> TaskCgroup:
         """Make the task's directories and write its limits; raises OSError on failure.
 
-        A failure removes whatever was already created.
+        Directories of ``reuse`` (a :meth:`reusable` part of an earlier task
+        cgroup, empty) are taken instead of new ones where it has them.  A
+        failure removes whatever was already created, ``reuse``'s included.
         """
         if not self.available:
             raise OSError(errno.ENOTSUP, "cgroups are unavailable")
         # The creator's pid is part of the name: a starting gateway sweeps only
         # the directories of gateways that are gone (see _remove_stale_tasks).
         name = task_dir_name(task_id, f"{os.getpid()}-{secrets.token_hex(4)}")
+        old = reuse or TaskCgroup(None, {})
         v2_dir: str | None = None
         v1_dirs: dict[str, str] = {}
-        task = TaskCgroup(None, {}, self.v2_controllers)
+        task = dataclasses.replace(old, v2_controllers=self.v2_controllers)
         try:
             if self.v2_base is not None:
-                v2_dir = os.path.join(self.v2_base, name)
-                os.mkdir(v2_dir)
-                task = TaskCgroup(v2_dir, {}, self.v2_controllers)
-                _apply(v2_dir, v2_limit_files(limits, self.v2_controllers))
+                v2_dir = old.v2_dir
+                if v2_dir is None:
+                    v2_dir = os.path.join(self.v2_base, name)
+                    os.mkdir(v2_dir)
+                task = dataclasses.replace(task, v2_dir=v2_dir)
+                task._apply(v2_dir, v2_limit_files(limits, self.v2_controllers))
             by_base: dict[str, str] = {}
             for ctrl, base in self.v1_bases.items():
-                if base not in by_base:
+                if ctrl in old.v1_dirs:
+                    by_base[base] = old.v1_dirs[ctrl]
+                elif base not in by_base:
                     by_base[base] = os.path.join(base, name)
                     os.mkdir(by_base[base])
                 v1_dirs[ctrl] = by_base[base]
-                task = TaskCgroup(v2_dir, dict(v1_dirs), self.v2_controllers)
-                _apply(v1_dirs[ctrl], v1_limit_files(limits, ctrl))
+                task = dataclasses.replace(task, v1_dirs={**old.v1_dirs, **v1_dirs})
+                task._apply(v1_dirs[ctrl], v1_limit_files(limits, ctrl))
         except OSError:
             with contextlib.suppress(OSError):
                 task.remove(timeout_s=0.5)
             raise
         return task
 
+    def reusable(self, task: TaskCgroup) -> TaskCgroup | None:
+        """The part of ``task`` a later task may use once it is empty, or None (pure).
+
+        Every directory without the memory controller: once its processes
+        are gone, what such a directory keeps of them is counters (CPU time,
+        taken as the next task's :attr:`TaskCgroup.cpu_base`).  A memory
+        directory keeps charges (page cache, kernel objects) and a
+        high-water mark after its processes are gone, so it is never reused.
+        """
+        v2_dir = task.v2_dir if "memory" not in self.v2_controllers else None
+        memory_dir = task.v1_dirs.get("memory")
+        v1_dirs = {c: d for c, d in task.v1_dirs.items() if d != memory_dir}
+        if v2_dir is None and not v1_dirs:
+            return None
+        written = {d: dict(task.written.get(d, {})) for d in (v2_dir, *v1_dirs.values()) if d}
+        return TaskCgroup(v2_dir, v1_dirs, self.v2_controllers, task.cpu_base, written)
+
     def close(self) -> None:
         """Remove the base directories detect() created, if they are empty."""
         for d in reversed(self.created):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
+
+
+class CgroupPool:
+    """Task cgroups made through a :class:`CgroupManager`, their reusable parts kept.
+
+    Making and removing a cgroup directory is kernel work (about 0.1 ms
+    each), once per hierarchy: four per task on a hybrid host.  A finished
+    task's directories without the memory controller (see
+    :meth:`CgroupManager.reusable`) are therefore kept, up to ``keep`` sets,
+    for the next task, if nothing is left in them (no process, not even a
+    zombie: the pids controller counts those until they are reaped); limits already written
+    with the same value are not written again.  The memory directory is made
+    anew for every task.  Thread-safe: tasks are made on spawner threads and
+    released on the cleaner's.
+    """
+
+    def __init__(self, manager: CgroupManager, keep: int = 32) -> None:
+        self.manager = manager
+        self._keep = keep
+        self._kept: list[TaskCgroup] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def kept(self) -> int:
+        """How many sets of directories wait for a task."""
+        return len(self._kept)
+
+    @property
+    def kept_dirs(self) -> set[str]:
+        """The directories that wait for a task."""
+        with self._lock:
+            return {d for part in self._kept for d in part.dirs}
+
+    def create(self, task_id: str, limits: Limits) -> TaskCgroup:
+        """:meth:`CgroupManager.create`, with kept directories where there are some."""
+        with self._lock:
+            reuse = self._kept.pop() if self._kept else None
+        return self.manager.create(task_id, limits, reuse)
+
+    def release(self, task: TaskCgroup) -> None:
+        """Keep ``task``'s reusable directories if it is empty, else kill and remove it.
+
+        Blocking (it may wait for the last processes to be killed): call it
+        off the event loop.  Raises OSError if the directories cannot be removed.
+        """
+        part = self.manager.reusable(task)
+        with self._lock:
+            room = not self._closed and len(self._kept) < self._keep
+        # A zombie is no longer listed, but still counted until it is reaped.
+        if part is None or not room or task.procs() or part.pids_charged():
+            task.discard()
+            return
+        rest = TaskCgroup(
+            None if task.v2_dir == part.v2_dir else task.v2_dir,
+            {c: d for c, d in task.v1_dirs.items() if d not in part.v1_dirs.values()},
+        )
+        try:
+            rest.remove(timeout_s=0.0)
+        except OSError:
+            # Something of the task is still dying in there: no reuse.
+            task.discard()
+            return
+        counted = dataclasses.replace(part, cpu_base=0.0).usage().cpu_time_s
+        part = dataclasses.replace(part, cpu_base=counted or 0.0)
+        with self._lock:
+            if not self._closed:
+                self._kept.append(part)
+                return
+        part.discard()
+
+    def close(self) -> None:
+        """Remove the kept directories; later releases remove theirs."""
+        with self._lock:
+            self._closed = True
+            kept, self._kept = self._kept, []
+        for part in kept:
+            with contextlib.suppress(OSError):
+                part.discard()
 
 
 def _creator_alive(name: str) -> bool:

@@ -95,6 +95,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import functools
@@ -118,7 +119,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from gateway import bwrap as bw
-from gateway.cgroups import CgroupManager, Requested, TaskCgroup
+from gateway.cgroups import CgroupManager, CgroupPool, Requested, TaskCgroup
 from gateway.errors import InvalidArgument, Unavailable
 from gateway.models import Limits, RunResult, SandboxRequest, Stream
 from gateway.seccomp import default_program, sealed_memfd, seccomp_fd
@@ -615,6 +616,43 @@ class _Reaper:
             self.pidfd = -1
 
 
+_PR_SET_CHILD_SUBREAPER = 36
+# How long pid 1 may take to exit after bwrap has (it is SIGKILLed by then).
+_PID1_EXIT_S = 2.0
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants; whether it worked.
+
+    bwrap's monitor exits as soon as the command does, without reaping the
+    sandbox's pid 1.  That zombie goes to the nearest subreaper, else to the
+    host's init, which may take its time (seconds, on some hosts) while the
+    zombie still counts in its cgroup's ``pids.current``.  As a subreaper
+    the gateway gets it and reaps it itself (:func:`_reap_pid1`).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+
+
+def _reap_pid1(pidfd: int, timeout_s: float = _PID1_EXIT_S) -> None:
+    """Reap the sandbox's pid 1 through its pidfd, once it has exited; close the pidfd.
+
+    Blocking (up to ``timeout_s`` for the exit): call it off the event loop,
+    after bwrap itself is reaped.  Nothing happens if the process is not
+    (or no longer) this process's child: no subreaper, or reaped already.
+    """
+    if pidfd < 0:
+        return
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if poller.poll(timeout_s * 1000):
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+    finally:
+        _close(pidfd)
+
+
 @dataclasses.dataclass(slots=True)
 class _Spawned:
     """What the spawner thread hands back: bwrap and the parent-side fds."""
@@ -671,16 +709,28 @@ def _discard(spawned: _Spawned) -> None:
         spawned.out_r,
         spawned.err_r,
         spawned.report_r,
-        spawned.child_pidfd,
         spawned.launcher_w,
     )
-    cg = spawned.cgroup
+    pidfd, spawned.child_pidfd = spawned.child_pidfd, -1
+    _reap_later(spawned.popen, pidfd, cgroup=spawned.cgroup)
+
+
+def _reap_later(
+    popen: subprocess.Popen[bytes],
+    pid1_fd: int,
+    *,
+    wait: bool = True,
+    cgroup: TaskCgroup | None = None,
+) -> None:
+    """On a thread of its own: wait for bwrap (``wait``), reap its pid 1, discard ``cgroup``."""
 
     def reap() -> None:
-        spawned.popen.wait()
-        if cg is not None:
+        if wait:
+            popen.wait()
+        _reap_pid1(pid1_fd)
+        if cgroup is not None:
             with contextlib.suppress(OSError):
-                _kill_and_remove(cg)
+                cgroup.discard()
 
     threading.Thread(target=reap, name="bwrap-reap", daemon=True).start()
 
@@ -1030,7 +1080,10 @@ class BwrapSandbox:
         self.dev_dir = _make_dev_dir(dev_dir_parent) if os.geteuid() == 0 else None
         self._spawner = _SPAWNER
         self._own_rlimits = {res: resource.getrlimit(res) for res in _RLIMITS}
-        self._cleaner = _Cleaner()
+        self._cgroup_pool = CgroupPool(self.cgroups)
+        # Without cgroups the subreaper shim reaps pid 1 (and reports its usage).
+        self._subreaper = self.cgroups.measures_usage and become_subreaper()
+        self._cleaner = _Cleaner(self._cgroup_pool)
         # Made once, sealed: every spawn reads them through a fresh descriptor.
         self._sealed = {
             "seccomp": seccomp_fd(self.program),
@@ -1521,7 +1574,7 @@ class BwrapSandbox:
         try:
             if self.cgroups.available:
                 try:
-                    spawned.cgroup = self.cgroups.create(req.task_id, req.limits)
+                    spawned.cgroup = self._cgroup_pool.create(req.task_id, req.limits)
                 except OSError as exc:
                     # Fail closed: limits that were promised must apply.
                     spawned.error = f"sandbox: cannot create cgroup: {exc}"
@@ -1802,16 +1855,21 @@ class BwrapSandbox:
             for pump in proc.pumps:
                 pump.close()
             proc.reaper.close()
-        _close(run.child_pidfd)
-        run.child_pidfd = -1
+        pidfd, run.child_pidfd = run.child_pidfd, -1
+        if not self._subreaper:  # the subreaper shim or the host's init reaps pid 1
+            _close(pidfd)
+            pidfd = -1
+        bwrap_gone = proc is not None and proc.reaper.exited.done()
+        if run.cgroup is not None and bwrap_gone:
+            # The usual end: bwrap is gone, the result is ready; reaping pid 1
+            # and removing the (normally empty) cgroup need not delay it.
+            self._cleaner.remove(run.cgroup, pidfd)
+            return
         if run.cgroup is not None:
-            if proc is not None and proc.reaper.exited.done():
-                # The usual end: bwrap is gone, the result is ready; removing
-                # the (normally empty) cgroup need not delay it.
-                self._cleaner.remove(run.cgroup)
-                return
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(_kill_and_remove, run.cgroup)
+                await asyncio.to_thread(run.cgroup.discard)
+        if pidfd >= 0 and proc is not None:
+            _reap_later(proc.popen, pidfd, wait=not bwrap_gone)
 
     async def settle(self) -> None:
         """Wait until the task cgroups of finished runs are removed."""
@@ -1920,6 +1978,7 @@ def _release(
     if warm is not None:
         warm.close()
     cleaner.join()
+    cleaner.pool.close()
     _close(*sealed)
     if dev_dir is not None:
         shutil.rmtree(dev_dir, ignore_errors=True)
@@ -1927,26 +1986,28 @@ def _release(
 
 
 class _Cleaner:
-    """A thread that kills and removes the task cgroups of finished runs, off their path.
+    """A thread that releases the task cgroups of finished runs to ``pool``, off their path.
 
     Independent of any event loop, so a run's result never waits for its
     rmdir and nothing is dropped when a loop ends; :meth:`join` waits for
     what is queued (at close).
     """
 
-    def __init__(self) -> None:
-        self._jobs: queue.Queue[TaskCgroup] = queue.Queue()
+    def __init__(self, pool: CgroupPool) -> None:
+        self.pool = pool
+        self._jobs: queue.Queue[tuple[TaskCgroup, int]] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def remove(self, cg: TaskCgroup) -> None:
+    def remove(self, cg: TaskCgroup, pid1_fd: int = -1) -> None:
+        """Reap the sandbox's pid 1 (``pid1_fd``, closed here), then release ``cg``."""
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._serve, name="cgroup-clean", daemon=True
                 )
                 self._thread.start()
-        self._jobs.put(cg)
+        self._jobs.put((cg, pid1_fd))
 
     def join(self) -> None:
         self._jobs.join()
@@ -1960,9 +2021,10 @@ class _Cleaner:
             with contextlib.suppress(queue.Empty):
                 while True:
                     batch.append(self._jobs.get_nowait())
-            for cg in batch:
+            for cg, pid1_fd in batch:
                 try:
-                    _kill_and_remove(cg)
+                    _reap_pid1(pid1_fd)
+                    self.pool.release(cg)
                 except OSError as exc:
                     log.warning("task cgroup not removed", error=str(exc))
                 finally:
@@ -1971,14 +2033,6 @@ class _Cleaner:
 
 # How long the cleaner lets finished task cgroups gather before removing them.
 _CLEAN_BATCH_S = 0.02
-
-
-def _kill_and_remove(cg: TaskCgroup) -> None:
-    try:
-        cg.remove(timeout_s=0.0)  # usually empty by now; the kernel refuses otherwise
-    except OSError:
-        cg.kill()
-        cg.remove()
 
 
 async def _bwrap_version(path: str) -> str:

@@ -12,6 +12,7 @@ import os
 import resource
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -27,6 +28,8 @@ from gateway.sandbox import (
     BwrapSandbox,
     OutputCap,
     _parent_pid,
+    _reap_pid1,
+    become_subreaper,
     classify_bwrap_failure,
     decode_status,
     parse_info,
@@ -773,30 +776,69 @@ async def test_command_starts_inside_its_cgroup(sandbox: BwrapSandbox, workspace
     assert result.exit_code == 0
     paths = cg.parse_proc_cgroup(out.stdout)
     for controller in [*sandbox.cgroups.v1_bases, *([""] if sandbox.cgroups.v2_base else [])]:
-        assert "/task-test-" in paths[controller], (controller, out.stdout)
+        # Reused directories are named after the task they were made for.
+        assert "/task-" in paths[controller], (controller, out.stdout)
+    if "memory" in sandbox.cgroups.v1_bases:  # made anew for every task
+        assert "/task-test-" in paths["memory"], out.stdout
+
+
+def _task_dirs(manager: cg.CgroupManager) -> set[str]:
+    bases = [*manager.v1_bases.values(), *filter(None, [manager.v2_base])]
+    return {
+        os.path.join(base, name)
+        for base in bases
+        if os.path.isdir(base)
+        for name in os.listdir(base)
+        if name.startswith("task-")
+    }
 
 
 @integration
-async def test_finished_task_cgroups_are_removed(sandbox: BwrapSandbox, workspace: str) -> None:
-    """The task cgroup is removed after the run (in the background); settle() waits for it."""
-    if not sandbox.cgroups.available:
-        pytest.skip("no writable cgroup hierarchy on this host")
-    bases = [*sandbox.cgroups.v1_bases.values(), *filter(None, [sandbox.cgroups.v2_base])]
-
-    def task_dirs() -> set[str]:
-        return {
-            os.path.join(base, name)
-            for base in bases
-            for name in os.listdir(base)
-            if name.startswith("task-")
-        }
-
-    await sandbox.settle()  # earlier tests' cgroups may still be on their way out
-    before = await asyncio.to_thread(task_dirs)
-    results = await asyncio.gather(*(run(sandbox, workspace, "true") for _ in range(6)))
-    assert all(r.exit_code == 0 for r, _ in results)
-    await sandbox.settle()
-    assert await asyncio.to_thread(task_dirs) == before
+async def test_finished_task_cgroups_are_removed_or_kept_empty(workspace: str) -> None:
+    """After the runs (in the background; settle() waits), a task's memory cgroup is gone
+    and the rest is removed or kept, empty, for a later task, which then counts only its
+    own CPU time; close() removes what is kept."""
+    sandbox = BwrapSandbox(cgroup_parent=f"mcp-sandbox-keep-test-{os.getpid()}")
+    try:
+        if not sandbox.cgroups.available:
+            pytest.skip("no writable cgroup hierarchy on this host")
+        pool = sandbox._cgroup_pool
+        burn = (
+            "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3:\n    pass\n"
+        )
+        results = await asyncio.gather(
+            *(run(sandbox, workspace, "python3", "-c", burn) for _ in range(4))
+        )
+        assert all(r.exit_code == 0 and r.cpu_time_s >= 0.25 for r, _ in results)
+        await sandbox.settle()
+        left = await asyncio.to_thread(_task_dirs, sandbox.cgroups)
+        assert left == pool.kept_dirs
+        memory = sandbox.cgroups.v1_bases.get("memory")
+        assert not any(memory and d.startswith(memory + "/") for d in left), left
+        assert await asyncio.to_thread(cg.TaskCgroup(None, {d: d for d in left}).procs) == []
+        reusable = sandbox.cgroups.reusable(
+            cg.TaskCgroup(sandbox.cgroups.v2_base, sandbox.cgroups.v1_bases)
+        )
+        if reusable is None:
+            assert not left
+            return
+        assert pool.kept == 4
+        # The next run takes kept directories, and counts its own CPU time only.
+        result, out = await run(sandbox, workspace, "cat", "/proc/self/cgroup")
+        assert result.exit_code == 0
+        assert result.cpu_time_s < 0.1
+        assert pool.kept == 3
+        paths = cg.parse_proc_cgroup(out.stdout)
+        taken = {d for d in left if any(d.endswith(p) for p in paths.values())}
+        assert taken
+        assert taken == left - pool.kept_dirs
+        if memory:
+            assert not any(d.startswith(memory + "/") for d in taken)
+            assert "/task-test-" in paths["memory"]
+    finally:
+        await sandbox.settle()
+        sandbox.close()
+    assert not await asyncio.to_thread(_task_dirs, sandbox.cgroups)
 
 
 @integration
@@ -1046,6 +1088,130 @@ def test_cgroup_kill_catches_forks(tmp_path: Path) -> None:
         task.remove()
     finally:
         manager.close()
+
+
+def _limit_values(task: cg.TaskCgroup, manager: cg.CgroupManager) -> dict[str, str]:
+    files = {}
+    for ctrl, d in task.v1_dirs.items():
+        for name, _, _ in cg.v1_limit_files(Limits(), ctrl):
+            if os.path.exists(os.path.join(d, name)):
+                files[name] = Path(d, name).read_text().strip()
+    if task.v2_dir is not None:
+        for name, _, _ in cg.v2_limit_files(Limits(), manager.v2_controllers):
+            if os.path.exists(os.path.join(task.v2_dir, name)):
+                files[name] = Path(task.v2_dir, name).read_text().strip()
+    return files
+
+
+@integration
+@pytest.mark.parametrize("requested", _requested_modes())
+def test_cgroup_pool(requested: cg.Requested) -> None:
+    """Empty task cgroups are kept for the next task (all but memory), which gets its own
+    limits and CPU count; one with a process left is killed and removed instead."""
+    manager = cg.CgroupManager.detect(f"mcp-cg-pool-{os.getpid()}", requested)
+    if not manager.available:
+        pytest.skip(f"no writable cgroup {requested} hierarchy here: {manager.notes}")
+    pool = cg.CgroupPool(manager, keep=1)
+    try:
+        first = pool.create("first", Limits(pids=7, cpu_quota=0.5, memory_bytes=64 << 20))
+        burner = subprocess.Popen(
+            [
+                "python3",
+                "-c",
+                "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.2: pass",
+            ]
+        )
+        first.attach(burner.pid)
+        assert burner.wait(timeout=10) == 0
+        first_cpu = first.usage().cpu_time_s
+        assert first_cpu is not None
+        assert first_cpu >= 0.15
+        part = manager.reusable(first)
+        pool.release(first)
+        if part is None:  # pure v2 with the memory controller: nothing is kept
+            assert pool.kept == 0
+            assert not any(os.path.exists(d) for d in first.dirs)
+            return
+        assert pool.kept == 1
+        assert pool.kept_dirs == set(part.dirs)
+        assert not any(os.path.exists(d) for d in set(first.dirs) - set(part.dirs))
+
+        # Other limits: written; the same limits: still right.
+        for limits in (
+            Limits(pids=9, cpu_quota=0.25, memory_bytes=32 << 20),
+            Limits(pids=9, cpu_quota=0.25, memory_bytes=32 << 20),
+        ):
+            task = pool.create("next", limits)
+            assert set(part.dirs) <= set(task.dirs)
+            assert pool.kept == 0
+            fresh = manager.create("fresh", limits)
+            assert _limit_values(task, manager) == _limit_values(fresh, manager)
+            fresh.remove()
+            usage = task.usage().cpu_time_s
+            assert usage is not None
+            assert 0 <= usage < 0.05
+            pool.release(task)
+            assert pool.kept == 1
+
+        # A process left behind: the whole cgroup is killed and removed.
+        task = pool.create("left", Limits())
+        sleeper = subprocess.Popen(["sleep", "1000"])
+        try:
+            task.attach(sleeper.pid)
+            pool.release(task)
+            assert sleeper.wait(timeout=5) == -9
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+        assert pool.kept == 0
+        assert not any(os.path.exists(d) for d in task.dirs)
+
+        # A zombie (not listed in cgroup.procs, still counted): not kept either.
+        task = pool.create("zombie", Limits())
+        zombie = subprocess.Popen(["sleep", "1000"])
+        try:
+            task.attach(zombie.pid)
+            os.kill(zombie.pid, signal.SIGKILL)  # not reaped until wait()
+            deadline = time.monotonic() + 5
+            while task.procs() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert task.procs() == []
+            pids_counted = "pids" in task.v1_dirs or "pids" in manager.v2_controllers
+            pool.release(task)
+            assert pool.kept == (0 if pids_counted else 1)
+        finally:
+            zombie.wait()
+        if not pids_counted:
+            pool.create("again", Limits()).discard()
+
+        # Beyond ``keep``, and after close, cgroups are removed.
+        a, b = pool.create("a", Limits()), pool.create("b", Limits())
+        pool.release(a)
+        pool.release(b)
+        assert pool.kept == 1
+        assert not any(os.path.exists(d) for d in b.dirs)
+        pool.close()
+        assert pool.kept == 0
+        assert not any(os.path.exists(d) for d in a.dirs)
+    finally:
+        pool.close()
+        manager.close()
+    assert not any(os.path.exists(d) for d in manager.created)
+
+
+@integration
+def test_orphaned_pid1_is_reaped_by_the_gateway() -> None:
+    """As a subreaper, the gateway gets the orphan bwrap leaves (its pid 1) and reaps it."""
+    assert become_subreaper()
+    # sh forks a child and exits at once, as bwrap's monitor leaves pid 1.
+    parent = subprocess.run(
+        ["sh", "-c", "sleep 0.2 & echo $!"], capture_output=True, text=True, check=True
+    )
+    orphan = int(parent.stdout)
+    pidfd = os.pidfd_open(orphan)
+    assert _parent_pid(orphan) == os.getpid()
+    _reap_pid1(pidfd, timeout_s=5)
+    assert not os.path.exists(f"/proc/{orphan}")
 
 
 @integration
