@@ -722,17 +722,43 @@ def _reap_later(
     wait: bool = True,
     cgroup: TaskCgroup | None = None,
 ) -> None:
-    """On a thread of its own: wait for bwrap (``wait``), reap its pid 1, discard ``cgroup``."""
+    """On a thread of its own: wait for bwrap (``wait``), reap its pid 1, discard ``cgroup``.
+
+    :func:`_join_reapers` waits for these threads (a sandbox's close, so
+    that its base cgroup directories are empty by the time it removes them).
+    """
 
     def reap() -> None:
-        if wait:
-            popen.wait()
-        _reap_pid1(pid1_fd)
-        if cgroup is not None:
-            with contextlib.suppress(OSError):
-                cgroup.discard()
+        try:
+            if wait:
+                popen.wait()
+            _reap_pid1(pid1_fd)
+            if cgroup is not None:
+                with contextlib.suppress(OSError):
+                    cgroup.discard()
+        finally:
+            with _REAPERS_LOCK:
+                _REAPERS.discard(threading.current_thread())
 
-    threading.Thread(target=reap, name="bwrap-reap", daemon=True).start()
+    thread = threading.Thread(target=reap, name="bwrap-reap", daemon=True)
+    with _REAPERS_LOCK:
+        _REAPERS.add(thread)
+    thread.start()
+
+
+# How long a sandbox's close waits for discarded sandboxes to be cleaned up.
+_CLOSE_REAP_S = 5.0
+_REAPERS: set[threading.Thread] = set()
+_REAPERS_LOCK = threading.Lock()
+
+
+def _join_reapers(timeout_s: float) -> None:
+    """Wait, at most ``timeout_s`` in all, for the reaping threads started so far."""
+    deadline = time.monotonic() + timeout_s
+    with _REAPERS_LOCK:
+        pending = list(_REAPERS)
+    for thread in pending:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _undo(forked: asyncio.Future[_Spawned] | None) -> None:
@@ -1978,6 +2004,9 @@ def _release(
     if warm is not None:
         warm.close()
     cleaner.join()
+    # Discarded sandboxes (the warm ones just now) remove their cgroups on
+    # threads of their own, once bwrap is gone.
+    _join_reapers(_CLOSE_REAP_S)
     cleaner.pool.close()
     _close(*sealed)
     if dev_dir is not None:

@@ -224,6 +224,10 @@ async def test_close_kills_the_waiting_sandboxes(tmp_path: Path) -> None:
     sb.close()
     await until(lambda: not sandbox_processes(ws))
     assert sandbox_processes(ws) == []
+    # Their cgroups are gone, and so are the base directories (empty by then).
+    assert sb.cgroups.created
+    left = await asyncio.to_thread(lambda: [d for d in sb.cgroups.created if os.path.exists(d)])
+    assert left == []
 
 
 async def test_a_finished_run_warms_the_next_one_up(
