@@ -14,8 +14,10 @@ https://www.openpolicyagent.org/docs/wasm for the ABI.
   verbs the policies use, with Go's formatting) and ``regex.replace``.  A
   module that needs any other one is refused at load time.
 * A runaway evaluation is interrupted by wasmtime's epoch deadline (a ticker
-  thread advances the epoch every :data:`TICK_S`), not abandoned: the caller
-  gets :class:`EvaluationTimeout` and the store is rebuilt.
+  thread advances the epoch every :data:`TICK_S` while evaluations run, and
+  for :data:`TICK_IDLE_S` after the last one began, then sleeps until the
+  next), not abandoned: the caller gets :class:`EvaluationTimeout` and the
+  store is rebuilt.
 * Memory is capped at :data:`MAX_PAGES` 64 KiB pages; a policy that needs more
   traps, which the engine turns into a deny.
 """
@@ -34,6 +36,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -56,6 +59,8 @@ __all__ = [
 ]
 
 TICK_S: Final = 0.01
+# How long the epoch keeps advancing after the last evaluation began.
+TICK_IDLE_S: Final = 1.0
 MAX_PAGES: Final = 1024  # 64 MiB
 _I32 = wasmtime.ValType.i32()
 _WASMTIME_I32 = _ffi.WASMTIME_I32.value
@@ -288,20 +293,58 @@ BUILTINS: Final[Mapping[str, Callable[..., object]]] = {
 
 
 class _Ticker:
-    """Advances a wasmtime engine's epoch every TICK_S while anything is loaded."""
+    """Advances a wasmtime engine's epoch every TICK_S while evaluations may run.
+
+    An idle gateway should not wake up a hundred times a second: the thread
+    ticks while an evaluation runs and for :data:`TICK_IDLE_S` after the last
+    one began (so that a steady stream of decisions does not wake it once
+    each), then waits for the next :meth:`begin`.
+    """
 
     def __init__(self, engine: wasmtime.Engine) -> None:
         self._engine = engine
-        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._running = 0  # evaluations between begin() and end()
+        self._last = 0.0  # monotonic time of the last begin()
+        self._ticking = False
+        self._closed = False
+        self.ticks = 0
         self._thread = threading.Thread(target=self._run, name="wasm-epoch", daemon=True)
         self._thread.start()
 
+    def begin(self) -> None:
+        """Before an evaluation: the epoch advances until it has ended."""
+        with self._cond:
+            self._running += 1
+            self._last = time.monotonic()
+            if not self._ticking:
+                self._ticking = True
+                self._cond.notify()
+
+    def end(self) -> None:
+        with self._cond:
+            self._running -= 1
+
     def _run(self) -> None:
-        while not self._stop.wait(TICK_S):
-            self._engine.increment_epoch()
+        with self._cond:
+            while not self._closed:
+                if not self._ticking:
+                    self._cond.wait()
+                    continue
+                self._cond.wait(TICK_S)
+                self._engine.increment_epoch()
+                self.ticks += 1
+                if not self._running and time.monotonic() - self._last > TICK_IDLE_S:
+                    self._ticking = False
+
+    @property
+    def ticking(self) -> bool:
+        return self._ticking
 
     def close(self) -> None:
-        self._stop.set()
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
 
 
 class _I32Call:
@@ -380,6 +423,11 @@ class WasmPolicy:
 
     def close(self) -> None:
         self._ticker.close()
+
+    @property
+    def ticking(self) -> bool:
+        """Whether the epoch advances now (evaluations ran lately, or one runs)."""
+        return self._ticker.ticking
 
     # -- instantiation ---------------------------------------------------------------------
 
@@ -515,16 +563,20 @@ class WasmPolicy:
                     len(raw),
                 )
                 self._store.set_epoch_deadline(max(1, math.ceil(timeout_s / TICK_S)) + 1)
-                addr = self._eval(
-                    self._store,
-                    0,
-                    self._entrypoint,
-                    self._data_addr,
-                    self._heap,
-                    len(raw),
-                    self._heap + len(raw),
-                    0,
-                )
+                self._ticker.begin()
+                try:
+                    addr = self._eval(
+                        self._store,
+                        0,
+                        self._entrypoint,
+                        self._data_addr,
+                        self._heap,
+                        len(raw),
+                        self._heap + len(raw),
+                        0,
+                    )
+                finally:
+                    self._ticker.end()
                 text = self._cstring(self._store, int(addr))
             except WasmError:
                 self._recover()

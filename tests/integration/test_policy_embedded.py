@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import wasm
 from gateway.errors import FailedPrecondition, Unavailable
 from gateway.models import CommandSpec, Decision, Subject
 from gateway.policy import ACTIONS, EmbeddedEngine, build_policy_input
@@ -760,6 +761,25 @@ async def test_runaway_evaluation_is_interrupted(
     assert decision.deny_reasons == ("policy engine error: evaluation timed out after 0.3s",)
     assert (await toy_engine.decide({"ok": True})).allow
     assert (await toy_engine.check())["runtime"] == "opa-wasm"
+
+
+async def test_idle_engine_sleeps_and_still_interrupts_a_runaway(
+    toy_engine: EmbeddedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without evaluations the epoch ticker stops; a runaway begun then is still interrupted."""
+    monkeypatch.setattr(wasm, "TICK_IDLE_S", 0.05)
+    assert (await toy_engine.decide({"ok": True})).allow
+    policy = toy_engine._runtime.policy
+    for _ in range(250):  # the ticker stops after TICK_IDLE_S without evaluations
+        if not policy.ticking:
+            break
+        await asyncio.sleep(0.02)
+    assert not policy.ticking
+    started = time.monotonic()
+    decision = await toy_engine.decide({"slow": True})
+    assert time.monotonic() - started < 1.0
+    assert decision.deny_reasons == ("policy engine error: evaluation timed out after 0.3s",)
+    assert (await toy_engine.decide({"ok": True})).allow
 
 
 async def test_memory_hungry_evaluation_is_denied(toy_engine: EmbeddedEngine) -> None:
