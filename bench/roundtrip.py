@@ -287,10 +287,12 @@ async def main(args: argparse.Namespace) -> None:
         assert gw.proc is not None
         # The same gateway without warm sandboxes: every command in a sandbox
         # started for it, as the bare spawn is.
+        # Its state directory's name also names its cgroup parent: one of its
+        # own, so each gateway removes the base directories it made.
         cold_dir = tmpdir / "cold"
-        (cold_dir / "state").mkdir(parents=True)
+        (cold_dir / "cold-state").mkdir(parents=True)
         cold_gw = GatewayProcess(
-            make_config(cold_dir / "state", sandbox={"warm": {"per_subject": 0}}), cold_dir
+            make_config(cold_dir / "cold-state", sandbox={"warm": {"per_subject": 0}}), cold_dir
         )
         cold_gw.start()
         try:
