@@ -577,6 +577,11 @@ class CgroupManager:
         # the directories of gateways that are gone (see _remove_stale_tasks).
         name = task_dir_name(task_id, f"{os.getpid()}-{secrets.token_hex(4)}")
         old = reuse or TaskCgroup(None, {})
+        for d in old.dirs:
+            if not os.path.isdir(d):  # its limits may be written already: nothing else would notice
+                with contextlib.suppress(OSError):
+                    old.remove(timeout_s=0.0)
+                raise OSError(errno.ENOENT, f"kept cgroup directory is gone: {d}")
         v2_dir: str | None = None
         v1_dirs: dict[str, str] = {}
         task = dataclasses.replace(old, v2_controllers=self.v2_controllers)
@@ -661,10 +666,19 @@ class CgroupPool:
             return {d for part in self._kept for d in part.dirs}
 
     def create(self, task_id: str, limits: Limits) -> TaskCgroup:
-        """:meth:`CgroupManager.create`, with kept directories where there are some."""
+        """:meth:`CgroupManager.create`, with kept directories where there are some.
+
+        Kept directories that cannot be used (removed behind the gateway's
+        back, say) are dropped and the task gets new ones.
+        """
         with self._lock:
             reuse = self._kept.pop() if self._kept else None
-        return self.manager.create(task_id, limits, reuse)
+        if reuse is not None:
+            try:
+                return self.manager.create(task_id, limits, reuse)
+            except OSError:
+                pass  # create() removed what was left of them
+        return self.manager.create(task_id, limits)
 
     def release(self, task: TaskCgroup) -> None:
         """Keep ``task``'s reusable directories if it is empty, else kill and remove it.

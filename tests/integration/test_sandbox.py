@@ -1153,6 +1153,16 @@ def test_cgroup_pool(requested: cg.Requested) -> None:
             pool.release(task)
             assert pool.kept == 1
 
+        # Kept directories removed behind the pool's back: the task gets new ones.
+        pool.release(pool.create("gone", Limits()))
+        assert pool.kept == 1
+        for d in pool.kept_dirs:
+            os.rmdir(d)
+        task = pool.create("fresh", Limits())
+        assert all(os.path.isdir(d) for d in task.dirs)
+        assert pool.kept == 0
+        task.discard()
+
         # A process left behind: the whole cgroup is killed and removed.
         task = pool.create("left", Limits())
         sleeper = subprocess.Popen(["sleep", "1000"])
