@@ -675,7 +675,6 @@ class _Spawned:
     confined: Limits | None = None  # the limits a warm sandbox is confined with
     # The workspace directory a warm sandbox binds: (path, (st_dev, st_ino)).
     workspace: tuple[str, tuple[int, int]] | None = None
-    cpu_base: float = 0.0  # its cgroup's CPU time before the command (the launcher's)
     discarded: bool = False
 
 
@@ -1065,7 +1064,6 @@ class _Run:
     released_s: float | None = None  # run() start to the command's release
     warm: bool = False  # run by a warm sandbox's launcher
     warm_up: bool = True  # start warm sandboxes like this one once it is released
-    cpu_base: float = 0.0  # the cgroup's CPU time before the command
 
 
 class BwrapSandbox:
@@ -1483,7 +1481,6 @@ class BwrapSandbox:
         run.bwrap_pid = spawned.bwrap_pid
         run.error = spawned.error
         run.warm = spawned.launcher_w >= 0
-        run.cpu_base = spawned.cpu_base
         return _Proc(
             popen=spawned.popen,
             reaper=reaper,
@@ -1688,7 +1685,11 @@ class BwrapSandbox:
             cg.set_limits(req.limits)
             self._rlimit(launcher, req.limits, cg)
             if first:
-                spawned.cpu_base = cg.usage().cpu_time_s or 0.0
+                # The launcher's CPU time so far becomes part of the cgroup's
+                # baseline: usage() then counts the command's alone.
+                cg = spawned.cgroup = dataclasses.replace(
+                    cg, cpu_base=cg.cpu_base + (cg.usage().cpu_time_s or 0.0)
+                )
                 cg.reset_peak()
                 # pid 1 alive (its pidfd) and still the launcher's parent: the
                 # launcher's pid was not recycled by something else meanwhile.
@@ -1849,7 +1850,7 @@ class BwrapSandbox:
         rss = 0 if end is None else end.maxrss_bytes
         if run.cgroup is not None:
             usage = run.cgroup.usage()
-            cpu = usage.cpu_time_s - run.cpu_base if usage.cpu_time_s is not None else cpu
+            cpu = usage.cpu_time_s if usage.cpu_time_s is not None else cpu
             rss = usage.peak_memory_bytes if usage.peak_memory_bytes is not None else rss
         return RunResult(
             exit_code=exit_code,
