@@ -405,6 +405,12 @@ def _close(*fds: int | None) -> None:
                 os.close(fd)
 
 
+def _children(pid: int, tid: int) -> list[int]:
+    """The children forked by thread ``tid`` of process ``pid``; raises OSError or ValueError."""
+    with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as fh:
+        return [int(k) for k in fh.read().split()]
+
+
 def _descendants(pid: int) -> list[int]:
     """Every descendant of ``pid`` (best effort, via /proc/<pid>/task/*/children)."""
     found: list[int] = []
@@ -417,8 +423,7 @@ def _descendants(pid: int) -> list[int]:
             continue
         for tid in tasks:
             try:
-                with open(f"/proc/{current}/task/{tid}/children", encoding="ascii") as fh:
-                    kids = [int(k) for k in fh.read().split()]
+                kids = _children(current, int(tid))
             except (OSError, ValueError):
                 continue
             for kid in kids:
@@ -863,11 +868,10 @@ def _read_info(fd: int, timeout_s: float) -> bytes | None:
 
 def _launcher_of(pid1: int) -> int | None:
     """The host pid of a warm sandbox's launcher (pid 1's only child), None if not forked yet."""
-    with open(f"/proc/{pid1}/task/{pid1}/children", encoding="ascii") as fh:
-        kids = fh.read().split()
+    kids = _children(pid1, pid1)
     if len(kids) > 1:
         raise OSError(errno.EPROTO, f"expected one child of the sandbox's pid 1, found {len(kids)}")
-    return int(kids[0]) if kids else None
+    return kids[0] if kids else None
 
 
 _WarmKey = tuple[str, str, bool, int]
