@@ -14,10 +14,11 @@ https://www.openpolicyagent.org/docs/wasm for the ABI.
   verbs the policies use, with Go's formatting) and ``regex.replace``.  A
   module that needs any other one is refused at load time.
 * A runaway evaluation is interrupted by wasmtime's epoch deadline (a ticker
-  thread advances the epoch every :data:`TICK_S` while evaluations run, and
-  for :data:`TICK_IDLE_S` after the last one began, then sleeps until the
-  next), not abandoned: the caller gets :class:`EvaluationTimeout` and the
-  store is rebuilt.
+  thread advances the epoch every tenth of the shortest timeout asked for,
+  between :data:`TICK_MIN_S` and :data:`TICK_MAX_S`, while evaluations run
+  and for :data:`TICK_IDLE_S` after the last one began, then sleeps until
+  the next), not abandoned: the caller gets :class:`EvaluationTimeout` and
+  the store is rebuilt.
 * Memory is capped at :data:`MAX_PAGES` 64 KiB pages; a policy that needs more
   traps, which the engine turns into a deny.
 """
@@ -48,7 +49,8 @@ from wasmtime._store import Storelike
 
 __all__ = [
     "MAX_PAGES",
-    "TICK_S",
+    "TICK_MAX_S",
+    "TICK_MIN_S",
     "EvaluationTimeout",
     "PolicyBuildError",
     "WasmError",
@@ -58,7 +60,11 @@ __all__ = [
     "regex_replace",
 ]
 
-TICK_S: Final = 0.01
+# The epoch's period: a tenth of the timeout (an interrupt comes at most 10%
+# late), within these bounds.  Every tick wakes a thread that needs the GIL,
+# so no shorter than the timeout needs.
+TICK_MIN_S: Final = 0.001
+TICK_MAX_S: Final = 0.1
 # How long the epoch keeps advancing after the last evaluation began.
 TICK_IDLE_S: Final = 1.0
 MAX_PAGES: Final = 1024  # 64 MiB
@@ -293,12 +299,14 @@ BUILTINS: Final[Mapping[str, Callable[..., object]]] = {
 
 
 class _Ticker:
-    """Advances a wasmtime engine's epoch every TICK_S while evaluations may run.
+    """Advances a wasmtime engine's epoch every :attr:`period` while evaluations may run.
 
-    An idle gateway should not wake up a hundred times a second: the thread
-    ticks while an evaluation runs and for :data:`TICK_IDLE_S` after the last
-    one began (so that a steady stream of decisions does not wake it once
-    each), then waits for the next :meth:`begin`.
+    An idle gateway should not wake up periodically: the thread ticks while
+    an evaluation runs and for :data:`TICK_IDLE_S` after the last one began
+    (so that a steady stream of decisions does not wake it once each), then
+    waits for the next :meth:`begin`.  The period is a tenth of the shortest
+    timeout :meth:`begin` was given (see :data:`TICK_MAX_S`); it only ever
+    shrinks, so a deadline counted in ticks is never reached early.
     """
 
     def __init__(self, engine: wasmtime.Engine) -> None:
@@ -308,18 +316,25 @@ class _Ticker:
         self._last = 0.0  # monotonic time of the last begin()
         self._ticking = False
         self._closed = False
+        self.period = TICK_MAX_S
         self.ticks = 0
         self._thread = threading.Thread(target=self._run, name="wasm-epoch", daemon=True)
         self._thread.start()
 
-    def begin(self) -> None:
-        """Before an evaluation: the epoch advances until it has ended."""
+    def begin(self, timeout_s: float) -> int:
+        """Before an evaluation: the epoch advances until it has ended.
+
+        Returns the epoch deadline (in ticks from now) for ``timeout_s``.
+        """
         with self._cond:
+            self.period = min(self.period, max(TICK_MIN_S, timeout_s / 10))
             self._running += 1
             self._last = time.monotonic()
             if not self._ticking:
                 self._ticking = True
                 self._cond.notify()
+            # One tick more: the first one may come at once.
+            return max(1, math.ceil(timeout_s / self.period)) + 1
 
     def end(self) -> None:
         with self._cond:
@@ -331,7 +346,7 @@ class _Ticker:
                 if not self._ticking:
                     self._cond.wait()
                     continue
-                self._cond.wait(TICK_S)
+                self._cond.wait(self.period)
                 self._engine.increment_epoch()
                 self.ticks += 1
                 if not self._running and time.monotonic() - self._last > TICK_IDLE_S:
@@ -428,6 +443,11 @@ class WasmPolicy:
     def ticking(self) -> bool:
         """Whether the epoch advances now (evaluations ran lately, or one runs)."""
         return self._ticker.ticking
+
+    @property
+    def tick_s(self) -> float:
+        """The epoch's period: a tenth of the shortest timeout so far (bounded)."""
+        return self._ticker.period
 
     # -- instantiation ---------------------------------------------------------------------
 
@@ -562,9 +582,9 @@ class WasmPolicy:
                     raw,
                     len(raw),
                 )
-                self._store.set_epoch_deadline(max(1, math.ceil(timeout_s / TICK_S)) + 1)
-                self._ticker.begin()
+                deadline = self._ticker.begin(timeout_s)
                 try:
+                    self._store.set_epoch_deadline(deadline)
                     addr = self._eval(
                         self._store,
                         0,

@@ -754,12 +754,29 @@ async def test_malformed_decision_denies(toy_engine: EmbeddedEngine) -> None:
 async def test_runaway_evaluation_is_interrupted(
     toy_engine: EmbeddedEngine,
 ) -> None:
-    """A slow evaluation is interrupted and denied after timeout_s; the next one is served."""
+    """A slow evaluation is interrupted and denied after timeout_s, not before; the next
+    one is served."""
     started = time.monotonic()
     decision = await toy_engine.decide({"slow": True})
-    assert time.monotonic() - started < 1.0
+    assert 0.3 <= time.monotonic() - started < 1.0
     assert decision.deny_reasons == ("policy engine error: evaluation timed out after 0.3s",)
     assert (await toy_engine.decide({"ok": True})).allow
+
+
+async def test_epoch_period_follows_the_timeout(toy_engine: EmbeddedEngine) -> None:
+    """The ticker ticks at a tenth of the timeout, within its bounds, and never slower
+    than the shortest timeout needs (its deadlines are counted in ticks)."""
+    assert (await toy_engine.decide({"ok": True})).allow
+    policy = toy_engine._runtime.policy
+    assert policy.tick_s == pytest.approx(0.03)
+    policy.evaluate({"ok": True}, timeout_s=10.0)
+    assert policy.tick_s == pytest.approx(0.03)  # a longer timeout keeps the period
+    policy.evaluate({"ok": True}, timeout_s=1e-6)
+    assert policy.tick_s == wasm.TICK_MIN_S
+    started = time.monotonic()
+    with pytest.raises(wasm.EvaluationTimeout):
+        policy.evaluate({"slow": True}, timeout_s=0.05)
+    assert 0.05 <= time.monotonic() - started < 1.0
     assert (await toy_engine.check())["runtime"] == "opa-wasm"
 
 
