@@ -78,6 +78,7 @@ import structlog
 from structlog.processors import JSONRenderer
 from structlog.typing import EventDict, WrappedLogger
 
+from gateway.aiofsync import UNSUPPORTED, AioContext
 from gateway.errors import (
     FailedPrecondition,
     Internal,
@@ -603,6 +604,174 @@ class _Syncer:
                     loop.call_soon_threadsafe(self._complete, tickets, errors)
 
 
+class _AioSyncer:
+    """Group commit on the event loop: the kernel runs the fsyncs (Linux AIO).
+
+    The same contract as :class:`_Syncer` (tickets in, ``complete(tickets,
+    errors)`` called on the tickets' loop, a close ticket closes its file
+    after its fsync), without a thread: a round fsyncs each file of its
+    tickets once through :class:`~gateway.aiofsync.AioContext`, whose
+    eventfd the loop watches.  Tickets that come while a round runs form
+    the next one; a round of background tickets waits up to
+    :data:`_BACKGROUND_GRACE_S` for company, as the thread does.
+
+    The thread takes over (``fallback``) where the kernel refuses: no AIO
+    context (an old kernel, a seccomp filter), or a filesystem that cannot
+    fsync through it (the round is then fsynced again by the thread).  It
+    also takes the tickets of a second event loop while the first one still
+    has a round going.
+    """
+
+    def __init__(
+        self,
+        complete: Callable[[list[_Ticket], dict[int, OSError]], None],
+        fallback: _Syncer,
+    ) -> None:
+        self._complete = complete
+        self._fallback = fallback
+        self._aio: AioContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._disabled = False
+        self._pending: list[_Ticket] = []
+        self._round: list[_Ticket] | None = None
+        self._inflight: dict[int, _Open] = {}  # token -> file being fsynced
+        self._errors: dict[int, OSError] = {}
+        self._grace: asyncio.TimerHandle | None = None
+        self._tokens = 0
+        self._rounds = 0
+
+    @property
+    def rounds(self) -> int:
+        return self._rounds + self._fallback.rounds
+
+    @property
+    def mode(self) -> str:
+        """``aio`` while the kernel runs the fsyncs, ``thread`` once the thread has taken over."""
+        return "thread" if self._disabled else "aio"
+
+    def submit(self, ticket: _Ticket) -> None:
+        if self._disabled or not self._bind(ticket.loop):
+            self._fallback.submit(ticket)
+            return
+        self._pending.append(ticket)
+        self._schedule()
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Watch the eventfd on ``loop`` (making the AIO context first); False: use the thread."""
+        if loop is self._loop:
+            return True
+        if self._loop is not None and not self._loop.is_closed():
+            if self._round is not None or self._pending or self._loop.is_running():
+                return False
+            self._loop.remove_reader(self._aio.eventfd)  # type: ignore[union-attr]
+        self._loop = None
+        if self._aio is None:
+            try:
+                self._aio = AioContext()
+            except OSError as exc:
+                self._disable(f"no AIO context: {exc}")
+                return False
+        loop.add_reader(self._aio.eventfd, self._ready)
+        self._loop = loop
+        return True
+
+    def _disable(self, why: str) -> None:
+        if not self._disabled:
+            self._disabled = True
+            log.info("audit fsyncs go to a thread", reason=why)
+
+    def _schedule(self) -> None:
+        if self._round is not None or not self._pending or self._loop is None:
+            return
+        if any(t.done is not None or t.close for t in self._pending):
+            self._start()
+        elif self._grace is None:
+            # Nobody waits for these records: give the next ones a moment to share the fsync.
+            self._grace = self._loop.call_later(_BACKGROUND_GRACE_S, self._start)
+
+    def _start(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        if self._round is not None or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._round, self._errors, self._inflight = batch, {}, {}
+        self._rounds += 1
+        for ticket in batch:
+            # Records appended from here on need a ticket of their own:
+            # this round's fsync may begin before they are written.
+            ticket.state.background_queued = False
+        assert self._aio is not None  # noqa: S101 - bound before any ticket is queued
+        for state in {id(t.state): t.state for t in batch}.values():
+            if state.closed:
+                continue
+            self._tokens += 1
+            try:
+                self._aio.submit_fsync(state.fd, self._tokens)
+            except OSError as exc:
+                if exc.errno in UNSUPPORTED:
+                    self._hand_over(f"io_submit: {exc}")
+                    return
+                self._errors[id(state)] = exc
+                continue
+            self._inflight[self._tokens] = state
+        if not self._inflight:
+            self._finish()
+
+    def _ready(self) -> None:
+        """The eventfd is readable: collect the ended fsyncs; finish the round once all have."""
+        assert self._aio is not None  # noqa: S101 - the reader exists only with a context
+        unsupported = False
+        for token, result in self._aio.completions():
+            state = self._inflight.pop(token, None)
+            if state is None or result >= 0:
+                continue
+            if -result in UNSUPPORTED:
+                unsupported = True
+            else:
+                self._errors[id(state)] = OSError(-result, os.strerror(-result))
+        if unsupported:
+            self._hand_over("this filesystem cannot fsync through AIO")
+        elif self._round is not None and not self._inflight:
+            self._finish()
+
+    def _hand_over(self, why: str) -> None:
+        """The kernel refused: this round and every later ticket go to the thread."""
+        self._disable(why)
+        batch, self._round = self._round or [], None
+        self._inflight = {}
+        for ticket in [*batch, *self._pending]:
+            self._fallback.submit(ticket)
+        self._pending = []
+        self._unbind()
+
+    def _finish(self) -> None:
+        batch, errors = self._round or [], self._errors
+        self._round, self._errors = None, {}
+        for ticket in batch:
+            if ticket.close and not ticket.state.closed:
+                ticket.state.closed = True
+                _close_quietly(ticket.state)
+        self._complete(batch, errors)
+        if any(t.close for t in batch) and not self._pending:
+            self._unbind()  # the log is closed: nothing more comes
+        else:
+            self._schedule()
+
+    def _unbind(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        if self._aio is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._aio.eventfd)
+        self._loop = None
+        self._aio.close()
+        self._aio = None
+
+
 # How long the fsync thread lingers without work before it exits.
 _SYNCER_IDLE_S = 5.0
 # How long records nobody waits for (task transitions) may wait for company
@@ -620,9 +789,11 @@ class AuditLog(AuditSink):
     A write renders the record and ``os.write``-s the whole line on the
     event loop, with no await in between, so records are chained in call
     order and a process crash (even ``kill -9``) loses none that a caller
-    saw written.  Durability is group-committed: a dedicated thread fsyncs
-    once for every record appended since its previous fsync (see
-    :class:`_Syncer`).  ``write(..., sync=True)`` (the default) returns only
+    saw written.  Durability is group-committed: one fsync for every record
+    appended since the previous one, run by the kernel through Linux AIO
+    and reported on an eventfd the loop watches (see :class:`_AioSyncer`),
+    or by a dedicated thread where the kernel refuses (:class:`_Syncer`).
+    ``write(..., sync=True)`` (the default) returns only
     once its record is fsynced; ``sync=False`` returns once the record is
     in the file and lets the fsync happen in the background (task
     transitions: only power loss could drop them, and the decision that
@@ -665,13 +836,18 @@ class AuditLog(AuditSink):
         self._state: _Open | None = None
         self._opening: asyncio.Future[None] | None = None
         self._closed = False
-        self._syncer = _Syncer(self._synced)
+        self._syncer = _AioSyncer(self._synced, _Syncer(self._synced))
         self.journald_failures = 0
         self.sync_failures = 0
 
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def sync_mode(self) -> str:
+        """Who runs the fsyncs: ``aio`` (the kernel) or ``thread`` (the fallback)."""
+        return self._syncer.mode
 
     @property
     def fsync_rounds(self) -> int:

@@ -8,6 +8,9 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,6 +174,83 @@ async def test_cancelled_writers_keep_the_chain_valid(log_path: Path) -> None:
     result = verify_file(log_path)
     assert result.ok, result
     assert records(log_path)[-1]["event"] == "after"
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+async def test_the_kernel_runs_the_fsyncs(log_path: Path) -> None:
+    """Durable and background records are fsynced through Linux AIO: no thread is started,
+    every record reports its fsync, and close releases the AIO context's eventfd."""
+    before = open_fds()
+    latencies: list[float] = []
+    log = AuditLog(log_path, on_latency=latencies.append)
+    await log.write("first", {})
+    await log.write("task.queued", {"task_id": "t"}, sync=False)
+    await asyncio.gather(*(log.write("burst", {"i": i}) for i in range(50)))
+    assert log.sync_mode == "aio"
+    assert 2 <= log.fsync_rounds < 52
+    assert not [t for t in threading.enumerate() if t.name == "audit-fsync"]
+    await log.close()
+    assert len(latencies) == 52
+    assert open_fds() == before
+    assert verify_file(log_path).ok
+
+
+def test_one_log_across_event_loops(log_path: Path) -> None:
+    """A log written from one event loop and then from another (the first one closed)
+    keeps its chain and its fsyncs go on through the kernel."""
+    log = AuditLog(log_path)
+    asyncio.run(log.write("one", {}))
+
+    async def second() -> None:
+        await log.write("two", {})
+        assert log.sync_mode == "aio"
+        await log.close()
+
+    asyncio.run(second())
+    assert [r["event"] for r in records(log_path)] == ["one", "two"]
+    assert verify_file(log_path).ok
+
+
+FSYNC_BY_THREAD = """
+import asyncio, errno, sys, threading
+from pathlib import Path
+import pyseccomp
+filt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+filt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "io_setup")
+filt.load()
+from gateway.audit import AuditLog, verify_file
+
+async def main():
+    durable = []
+    log = AuditLog(Path(sys.argv[1]), on_latency=durable.append)
+    await log.write("first", {})
+    await log.write("task.queued", {"task_id": "t"}, sync=False)
+    await asyncio.gather(*(log.write("burst", {"i": i}) for i in range(20)))
+    threads = [t.name for t in threading.enumerate()]
+    await log.close()
+    print(log.sync_mode, len(durable), "audit-fsync" in threads, verify_file(Path(sys.argv[1])).ok)
+
+asyncio.run(main())
+"""
+
+
+def test_fsyncs_fall_back_to_a_thread_without_aio(log_path: Path) -> None:
+    """Where the kernel refuses an AIO context (here a seccomp filter makes io_setup fail
+    with ENOSYS) a thread runs the fsyncs: every record is fsynced and the chain holds."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FSYNC_BY_THREAD, str(log_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    *logged, result = proc.stdout.splitlines()
+    assert result.split() == ["thread", "22", "True", "True"]
+    assert "audit fsyncs go to a thread" in "\n".join(logged) + proc.stderr
 
 
 @pytest.mark.parametrize(
