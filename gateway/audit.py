@@ -664,6 +664,15 @@ class _AioSyncer:
             if self._round is not None or self._pending or self._loop.is_running():
                 return False
             self._loop.remove_reader(self._aio.eventfd)  # type: ignore[union-attr]
+        elif self._loop is not None:
+            # That loop ended with a round going or records waiting for one:
+            # nobody waits for them any more.  An fsync already submitted
+            # still runs; the records waiting are in the file, and the next
+            # round's fsync of it covers them.
+            if self._grace is not None:
+                self._grace.cancel()
+                self._grace = None
+            self._round, self._pending, self._inflight, self._errors = None, [], {}, {}
         self._loop = None
         if self._aio is None:
             try:

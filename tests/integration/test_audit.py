@@ -214,6 +214,27 @@ def test_one_log_across_event_loops(log_path: Path) -> None:
     assert verify_file(log_path).ok
 
 
+def test_a_loop_that_ends_with_records_waiting_strands_nothing(log_path: Path) -> None:
+    """An event loop that ends while background records wait for their fsync (or one
+    runs) does not hold up the records written from the next loop."""
+    log = AuditLog(log_path)
+
+    async def first() -> None:
+        await log.write("one", {})
+        await log.write("task.queued", {"task_id": "t"}, sync=False)  # waits for company
+        await asyncio.sleep(0.006)  # and then has its fsync begin (and, likely, still run)
+
+    asyncio.run(first())
+
+    async def second() -> None:
+        await asyncio.wait_for(log.write("two", {}), 10)
+        await asyncio.wait_for(log.close(), 10)
+
+    asyncio.run(second())
+    assert [r["event"] for r in records(log_path)] == ["one", "task.queued", "two"]
+    assert verify_file(log_path).ok
+
+
 FSYNC_BY_THREAD = """
 import asyncio, errno, sys, threading
 from pathlib import Path
