@@ -763,7 +763,7 @@ class _AioSyncer:
                 ticket.state.closed = True
                 _close_quietly(ticket.state)
         self._complete(batch, errors)
-        if any(t.close for t in batch) and not self._pending:
+        if any(t.close for t in batch) and self._round is None and not self._pending:
             self._unbind()  # the log is closed: nothing more comes
         else:
             self._schedule()
