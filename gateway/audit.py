@@ -721,9 +721,11 @@ class _AioSyncer:
             except OSError as exc:
                 if exc.errno in UNSUPPORTED:
                     self._hand_over(f"io_submit: {exc}")
-                    return
-                self._errors[id(state)] = exc
-                continue
+                else:
+                    # Out of AIO resources for now (EAGAIN), or worse: the
+                    # thread fsyncs this round (and reports what fsync says).
+                    self._round_to_thread()
+                return
             self._inflight[self._tokens] = state
         if not self._inflight:
             self._finish()
@@ -754,6 +756,14 @@ class _AioSyncer:
             self._fallback.submit(ticket)
         self._pending = []
         self._unbind()
+
+    def _round_to_thread(self) -> None:
+        """This round goes to the thread (fsyncs of it already submitted end unheard)."""
+        batch, self._round = self._round or [], None
+        self._inflight, self._errors = {}, {}
+        for ticket in batch:
+            self._fallback.submit(ticket)
+        self._schedule()
 
     def _finish(self) -> None:
         batch, errors = self._round or [], self._errors

@@ -235,6 +235,59 @@ def test_a_loop_that_ends_with_records_waiting_strands_nothing(log_path: Path) -
     assert verify_file(log_path).ok
 
 
+def swap_fd(log: AuditLog, replacement: int) -> None:
+    """Put another open file under the log's fd number (what fsync is asked to sync)."""
+    state = log._state
+    assert state is not None
+    os.dup2(replacement, state.fd)
+    os.close(replacement)
+
+
+async def test_a_refused_fsync_round_goes_to_the_thread(log_path: Path) -> None:
+    """If the kernel refuses to queue a round's fsync for some other reason than lacking
+    AIO (here EBADF: an O_PATH file under the log's fd), the thread fsyncs that round and
+    reports what fsync says; the log reopens and AIO goes on."""
+    failures: list[int] = []
+    log = AuditLog(log_path, on_sync_failure=lambda: failures.append(1))
+    await log.write("one", {})
+    await log.write("task.queued", {"task_id": "t"}, sync=False)  # its round starts in 5 ms
+    swap_fd(log, os.open(log_path, os.O_PATH | os.O_CLOEXEC))
+    for _ in range(200):
+        if failures:
+            break
+        await asyncio.sleep(0.01)
+    assert failures == [1]
+    assert log.sync_failures == 1
+    await log.write("two", {})
+    assert log.sync_mode == "aio"
+    await log.close()
+    assert [r["event"] for r in records(log_path)] == ["one", "task.queued", "two"]
+    assert verify_file(log_path).ok
+
+
+async def test_a_file_aio_cannot_fsync_hands_over_to_the_thread(log_path: Path) -> None:
+    """A file the kernel cannot fsync through AIO (EINVAL: here a pipe under the log's fd)
+    hands every later round to the thread, which reports the failed fsync; the log
+    reopens and its next records are fsynced by the thread."""
+    failures: list[int] = []
+    log = AuditLog(log_path, on_sync_failure=lambda: failures.append(1))
+    await log.write("one", {})
+    await log.write("task.queued", {"task_id": "t"}, sync=False)
+    read_end, write_end = os.pipe()
+    swap_fd(log, write_end)
+    for _ in range(200):
+        if failures:
+            break
+        await asyncio.sleep(0.01)
+    os.close(read_end)
+    assert failures == [1]
+    assert log.sync_mode == "thread"
+    await log.write("two", {})
+    await log.close()
+    assert [r["event"] for r in records(log_path)] == ["one", "task.queued", "two"]
+    assert verify_file(log_path).ok
+
+
 FSYNC_BY_THREAD = """
 import asyncio, errno, sys, threading
 from pathlib import Path
