@@ -15,6 +15,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -752,6 +753,23 @@ async def test_no_fd_reaches_the_command(any_sandbox: BwrapSandbox, workspace: s
 
 
 @integration
+async def test_commands_run_with_the_normal_scheduling_policy(
+    any_sandbox: BwrapSandbox, workspace: str
+) -> None:
+    """The threads that start sandboxes are SCHED_BATCH (woken, they do not preempt the
+    event loop); the bwraps they fork, and so every command, have the normal policy."""
+    result, out = await run(any_sandbox, workspace, "sh", "-c", "cut -d' ' -f41 /proc/self/stat")
+    assert result.exit_code == 0, out.stderr
+    assert out.stdout.strip() == str(os.SCHED_OTHER)
+    helpers = [
+        t for t in threading.enumerate() if t.name.startswith(("sandbox-spawn-", "sandbox-warm-"))
+    ]
+    assert helpers
+    for thread in helpers:
+        assert thread.native_id is not None
+        assert os.sched_getscheduler(thread.native_id) == os.SCHED_BATCH, thread.name
+
+
 async def test_concurrent_runs_do_not_mix(any_sandbox: BwrapSandbox, workspace: str) -> None:
     """Runs in parallel each get their own output and status."""
     results = await asyncio.gather(
