@@ -511,13 +511,35 @@ class _Open:
 
 @dataclasses.dataclass(eq=False, slots=True)
 class _Ticket:
-    """One record (or a close) waiting for the syncer thread."""
+    """One record (or a close) waiting for its fsync round."""
 
     state: _Open
     loop: asyncio.AbstractEventLoop
     started: float
     done: asyncio.Future[None] | None  # None: nobody waits (a background record)
     close: bool = False
+
+    @property
+    def awaited(self) -> bool:
+        """Somebody waits for it (a durable record or a close): its round starts now."""
+        return self.done is not None or self.close
+
+
+def _round_files(batch: list[_Ticket]) -> list[_Open]:
+    """Begin a fsync round of ``batch``: the open files to fsync, each once."""
+    for ticket in batch:
+        # Records appended from here on need a ticket of their own: this
+        # round's fsync may begin before they are written.
+        ticket.state.background_queued = False
+    return [state for state in {id(t.state): t.state for t in batch}.values() if not state.closed]
+
+
+def _close_after_round(batch: list[_Ticket]) -> None:
+    """End a fsync round of ``batch``: close the files its close tickets are for."""
+    for ticket in batch:
+        if ticket.close and not ticket.state.closed:
+            ticket.state.closed = True
+            _close_quietly(ticket.state)
 
 
 class _Syncer:
@@ -565,7 +587,7 @@ class _Syncer:
             # Nobody waits for these records: give the next ones a moment to
             # share the fsync (a durable write ends the wait at once).
             left = deadline - time.monotonic()
-            if left <= 0 or any(t.done is not None or t.close for t in batch):
+            if left <= 0 or any(t.awaited for t in batch):
                 return batch
             try:
                 batch.append(self._jobs.get(timeout=left))
@@ -580,22 +602,13 @@ class _Syncer:
             if not batch:
                 continue
             self.rounds += 1
-            for ticket in batch:
-                # Records appended from here on need a ticket of their own:
-                # this round's fsync may begin before they are written.
-                ticket.state.background_queued = False
             errors: dict[int, OSError] = {}
-            for state in {id(t.state): t.state for t in batch}.values():
-                if state.closed:
-                    continue
+            for state in _round_files(batch):
                 try:
                     os.fsync(state.fd)
                 except OSError as exc:
                     errors[id(state)] = exc
-            for ticket in batch:
-                if ticket.close and not ticket.state.closed:
-                    ticket.state.closed = True
-                    _close_quietly(ticket.state)
+            _close_after_round(batch)
             by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list[_Ticket]]] = {}
             for ticket in batch:
                 by_loop.setdefault(id(ticket.loop), (ticket.loop, []))[1].append(ticket)
@@ -692,7 +705,7 @@ class _AioSyncer:
     def _schedule(self) -> None:
         if self._round is not None or not self._pending or self._loop is None:
             return
-        if any(t.done is not None or t.close for t in self._pending):
+        if any(t.awaited for t in self._pending):
             self._start()
         elif self._grace is None:
             # Nobody waits for these records: give the next ones a moment to share the fsync.
@@ -707,14 +720,8 @@ class _AioSyncer:
         batch, self._pending = self._pending, []
         self._round, self._errors, self._inflight = batch, {}, {}
         self._rounds += 1
-        for ticket in batch:
-            # Records appended from here on need a ticket of their own:
-            # this round's fsync may begin before they are written.
-            ticket.state.background_queued = False
         assert self._aio is not None  # noqa: S101 - bound before any ticket is queued
-        for state in {id(t.state): t.state for t in batch}.values():
-            if state.closed:
-                continue
+        for state in _round_files(batch):
             self._tokens += 1
             try:
                 self._aio.submit_fsync(state.fd, self._tokens)
@@ -768,10 +775,7 @@ class _AioSyncer:
     def _finish(self) -> None:
         batch, errors = self._round or [], self._errors
         self._round, self._errors = None, {}
-        for ticket in batch:
-            if ticket.close and not ticket.state.closed:
-                ticket.state.closed = True
-                _close_quietly(ticket.state)
+        _close_after_round(batch)
         self._complete(batch, errors)
         if any(t.close for t in batch) and self._round is None and not self._pending:
             self._unbind()  # the log is closed: nothing more comes
