@@ -317,7 +317,6 @@ class _Ticker:
         self._ticking = False
         self._closed = False
         self.period = TICK_MAX_S
-        self.ticks = 0
         self._thread = threading.Thread(target=self._run, name="wasm-epoch", daemon=True)
         self._thread.start()
 
@@ -348,7 +347,6 @@ class _Ticker:
                     continue
                 self._cond.wait(self.period)
                 self._engine.increment_epoch()
-                self.ticks += 1
                 if not self._running and time.monotonic() - self._last > TICK_IDLE_S:
                     self._ticking = False
 
