@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,14 @@ USERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "reader": ("reader-token", ("readonly",)),
     "agent": ("agent-token", ("agent",)),
 }
+
+
+async def until(condition: Callable[[], object], timeout_s: float = 5.0) -> None:
+    """Poll ``condition`` until it holds (the test's own assertion says what if not)."""
+    for _ in range(int(timeout_s / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
 
 
 def make_config(state_dir: Path, **overrides: object) -> config_mod.Config:

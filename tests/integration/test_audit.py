@@ -32,6 +32,7 @@ from gateway.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from tests.conftest import until
 
 pytestmark = pytest.mark.integration
 
@@ -252,10 +253,7 @@ async def test_a_refused_fsync_round_goes_to_the_thread(log_path: Path) -> None:
     await log.write("one", {})
     await log.write("task.queued", {"task_id": "t"}, sync=False)  # its round starts in 5 ms
     swap_fd(log, os.open(log_path, os.O_PATH | os.O_CLOEXEC))
-    for _ in range(200):
-        if failures:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: failures, timeout_s=2.0)
     assert failures == [1]
     assert log.sync_failures == 1
     await log.write("two", {})
@@ -275,10 +273,7 @@ async def test_a_file_aio_cannot_fsync_hands_over_to_the_thread(log_path: Path) 
     await log.write("task.queued", {"task_id": "t"}, sync=False)
     read_end, write_end = os.pipe()
     swap_fd(log, write_end)
-    for _ in range(200):
-        if failures:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: failures, timeout_s=2.0)
     os.close(read_end)
     assert failures == [1]
     assert log.sync_mode == "thread"

@@ -15,13 +15,14 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.models import Limits, RunResult, SandboxRequest, Stream
 from gateway.sandbox import BwrapSandbox
+from tests.conftest import until
 from tests.integration.test_sandbox import survivors
 
 pytestmark = pytest.mark.integration
@@ -50,14 +51,6 @@ def workspace(tmp_path: Path, name: str = "ws", **files: str) -> str:
     for file_name, text in files.items():
         (path / file_name).write_text(text)
     return str(path)
-
-
-async def until(condition: Callable[[], object], timeout_s: float = 5.0) -> None:
-    """Poll ``condition`` until it holds (the test's own assertion says what if not)."""
-    for _ in range(int(timeout_s / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
 
 
 def request(ws: str, *argv: str, **fields: object) -> SandboxRequest:
