@@ -15,7 +15,7 @@ import math
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from cryptography import x509
@@ -28,6 +28,11 @@ CA = ROOT / ".tools" / "pki" / "ca.pem"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 MAX_GAP_S = 3.0
 MIN_PROBE_RATE = 20.0
+# A probe that takes longer has failed.  Each probe is a new TLS handshake
+# with a gateway in a machine on a shared 2-core host: 0.3 s was once too
+# short before any fault.  Probes run in their own threads, so a longer
+# timeout does not lower the rate, and a gap is measured from probe starts.
+PROBE_TIMEOUT_S = 1.0
 PORT = 8081
 
 
@@ -107,7 +112,7 @@ class Probe:
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", lab.client, str(PYTHON), "-m", "tests.lab.probe",
              f"https://{lab.vip}:{PORT}/v1/files", "--token", lab.api_token, "--ca", str(CA),
-             "--interval", "0.04", "--timeout", "0.3", "--max-seconds", "120"],
+             "--interval", "0.04", "--timeout", str(PROBE_TIMEOUT_S), "--max-seconds", "120"],
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
 
@@ -133,6 +138,20 @@ def outage(probes: list[tuple[float, bool]], since: float) -> float:
             worst = max(worst, started - first_failed)
             first_failed = None
     return math.inf if first_failed is not None else worst
+
+
+@pytest.fixture
+def repairs() -> Iterator[list[Callable[[], object]]]:
+    """Undo steps for a fault, run at teardown even when the test failed.
+
+    A failed case must not leave the pair broken for the next ones (a link
+    still down, a gateway still stopped).  Each step must be harmless when
+    the test has undone its fault already.
+    """
+    steps: list[Callable[[], object]] = []
+    yield steps
+    for step in reversed(steps):
+        step()
 
 
 def failover(
@@ -200,16 +219,22 @@ def test_failover_when_the_gateway_is_killed(lab: Lab) -> None:
     assert_no_failback(lab, master, backup)
 
 
-def test_failover_when_the_gateway_hangs(lab: Lab) -> None:
-    master, backup = failover(
-        lab, "gateway_hung", lambda m: lab.ssh(m, "systemctl kill -s STOP mcp-gateway")
-    )
+def test_failover_when_the_gateway_hangs(lab: Lab, repairs: list[Callable[[], object]]) -> None:
+    def hang(machine: Machine) -> None:
+        repairs.append(lambda: lab.ssh(machine, "systemctl kill -s CONT mcp-gateway"))
+        lab.ssh(machine, "systemctl kill -s STOP mcp-gateway")
+
+    master, backup = failover(lab, "gateway_hung", hang)
     lab.ssh(master, "systemctl kill -s CONT mcp-gateway")
     assert_no_failback(lab, master, backup)
 
 
-def test_failover_when_opa_stops(lab: Lab) -> None:
-    master, backup = failover(lab, "opa_stopped", lambda m: lab.ssh(m, "systemctl stop opa"))
+def test_failover_when_opa_stops(lab: Lab, repairs: list[Callable[[], object]]) -> None:
+    def stop_opa(machine: Machine) -> None:
+        repairs.append(lambda: lab.ssh(machine, "systemctl start opa"))
+        lab.ssh(machine, "systemctl stop opa")
+
+    master, backup = failover(lab, "opa_stopped", stop_opa)
     status, body = curl(lab, f"https://{master.address}:{PORT}/ready")
     assert status == 503, body
     assert json.loads(body)["checks"]["policy"]["ok"] is False, body
@@ -308,8 +333,12 @@ def test_certificate_rotation_is_rolling_and_keeps_the_vip_name(lab: Lab) -> Non
         assert lab.vip in [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
 
 
-def test_failover_when_the_link_goes_down(lab: Lab) -> None:
-    master, _ = failover(lab, "link_down", lambda m: lab.set_link(m, False))
+def test_failover_when_the_link_goes_down(lab: Lab, repairs: list[Callable[[], object]]) -> None:
+    def unplug(machine: Machine) -> None:
+        repairs.append(lambda: lab.set_link(machine, True))
+        lab.set_link(machine, False)
+
+    master, _ = failover(lab, "link_down", unplug)
     lab.set_link(master, True)
     # Two masters meet again: one yields, and the pair settles with one VIP holder.
     wait_stable(lab)
