@@ -337,6 +337,9 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             gw.stop()
             cold_gw.stop()
+        # Last: the sandbox run in this process makes it a child subreaper
+        # (see gateway.sandbox.become_subreaper), and the bare spawns' pid 1s
+        # would then stay here as zombies and slow every later spawn down.
         parts = await breakdown(str(workspace), args.n // 2)
 
     b50, b95, g50, g95 = pct(bare_lat, 50), pct(bare_lat, 95), pct(gw_lat, 50), pct(gw_lat, 95)

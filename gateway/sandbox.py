@@ -634,6 +634,13 @@ def become_subreaper() -> bool:
     host's init, which may take its time (seconds, on some hosts) while the
     zombie still counts in its cgroup's ``pids.current``.  As a subreaper
     the gateway gets it and reaps it itself (:func:`_reap_pid1`).
+
+    The flag is the whole process's, for good: it adopts every orphan of
+    its descendants, and reaps only sandboxes' pid 1.  The gateway forks
+    nothing else that leaves orphans; a program that embeds the sandbox
+    and starts other process trees (a bare ``bwrap``, a daemon) gets their
+    orphans as zombies, each holding its pid namespace.  On the benchmark
+    VM, about 2,900 of them made a bare bwrap loop 43% slower.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
