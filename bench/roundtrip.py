@@ -231,6 +231,11 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000
 
 
+def spread(ratios: list[float]) -> str:
+    """Per-round ratios (each against the bare series of its own round), in run order."""
+    return " ".join(f"{r:.2f}" for r in ratios)
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -313,12 +318,21 @@ async def main(args: argparse.Namespace) -> None:
                     stub = mcp_pb2_grpc.McpServiceStub(channel)
                     via_grpc = lambda: grpc_echo(stub)  # noqa: E731
                     mcp = await McpSession(session, gw.url).open()
+                    # Each round's own p50 ratios too, to show the spread.
+                    per_round: dict[str, list[float]] = {"rest": [], "grpc": []}
                     for _ in range(args.rounds):
-                        bare_lat += await latencies(bare, args.n // args.rounds, 3)
-                        gw_lat += await latencies(echo, args.n // args.rounds, 3)
-                        cold_lat += await latencies(cold_echo, args.n // args.rounds, 3)
-                        grpc_lat += await latencies(via_grpc, args.n // args.rounds, 3)
-                        mcp_lat += await latencies(mcp.echo, args.n // args.rounds, 3)
+                        step = args.n // args.rounds
+                        bare_round = await latencies(bare, step, 3)
+                        rest_round = await latencies(echo, step, 3)
+                        cold_lat += await latencies(cold_echo, step, 3)
+                        grpc_round = await latencies(via_grpc, step, 3)
+                        mcp_lat += await latencies(mcp.echo, step, 3)
+                        bare_p50 = statistics.median(bare_round)
+                        per_round["rest"].append(statistics.median(rest_round) / bare_p50)
+                        per_round["grpc"].append(statistics.median(grpc_round) / bare_p50)
+                        bare_lat += bare_round
+                        gw_lat += rest_round
+                        grpc_lat += grpc_round
                 # Requests with a pause before each (an agent between two tool
                 # calls), taking turns: the warm sandbox is set up in the pause.
                 paced: dict[str, list[float]] = {"bare": [], "warm": [], "cold": []}
@@ -347,7 +361,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"REST exec echo (wait)   p50 {g50:7.2f} ms   p95 {g95:7.2f} ms   (n={len(gw_lat)})")
     print(
         f"ratio REST/bare         p50 {g50 / b50:5.2f}x      p95 {g95 / b95:5.2f}x"
-        "   (target p50 <= 1.30x)"
+        f"   (target p50 <= 1.30x; rounds {spread(per_round['rest'])})"
     )
     c50, c95 = pct(cold_lat, 50), pct(cold_lat, 95)
     print(f"REST, no warm sandbox   p50 {c50:7.2f} ms   p95 {c95:7.2f} ms   (n={len(cold_lat)})")
@@ -359,7 +373,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"gRPC exec echo (wait)   p50 {r50:7.2f} ms   p95 {r95:7.2f} ms   (n={len(grpc_lat)})")
     print(
         f"ratio gRPC/bare         p50 {r50 / b50:5.2f}x      p95 {r95 / b95:5.2f}x"
-        "   (target p50 <= 1.30x)"
+        f"   (target p50 <= 1.30x; rounds {spread(per_round['grpc'])})"
     )
     m50, m95 = pct(mcp_lat, 50), pct(mcp_lat, 95)
     print(f"MCP tools/call echo     p50 {m50:7.2f} ms   p95 {m95:7.2f} ms   (n={len(mcp_lat)})")
@@ -380,7 +394,11 @@ async def main(args: argparse.Namespace) -> None:
     print(f"throughput: median of {args.tp_rounds} interleaved runs of {args.total} tasks each")
     print(f"raw bwrap loop          {raw_tps:7.1f} tasks/s at concurrency {args.concurrency}")
     print(f"gateway REST            {gw_tps:7.1f} tasks/s at concurrency {args.concurrency}")
-    print(f"ratio throughput        {gw_tps / raw_tps:5.2f}x   (target >= 0.70x)")
+    paired = [rest / raw for rest, raw in zip(runs["rest"], runs["raw"], strict=True)]
+    print(
+        f"ratio throughput        {gw_tps / raw_tps:5.2f}x"
+        f"   (target >= 0.70x; runs {spread(paired)})"
+    )
     print(f"gateway MCP tools/call  {mcp_tps:7.1f} tasks/s at concurrency {args.concurrency}")
     print(f"ratio MCP throughput    {mcp_tps / raw_tps:5.2f}x   (target >= 0.60x)")
     print(
