@@ -652,17 +652,49 @@ def _reap_pid1(pidfd: int, timeout_s: float = _PID1_EXIT_S) -> None:
     Blocking (up to ``timeout_s`` for the exit): call it off the event loop,
     after bwrap itself is reaped.  Nothing happens if the process is not
     (or no longer) this process's child: no subreaper, or reaped already.
+    A pid 1 still exiting after ``timeout_s`` (a big address space to free,
+    say) is kept for :func:`_reap_late`: given up, it would stay a zombie
+    of the gateway for good.
     """
     if pidfd < 0:
         return
+    exited = False
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
-        if poller.poll(timeout_s * 1000):
+        exited = bool(poller.poll(timeout_s * 1000))
+        if exited:
             with contextlib.suppress(ChildProcessError):
                 os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
     finally:
+        if exited:
+            _close(pidfd)
+        else:
+            with _LATE_LOCK:
+                _LATE.append(pidfd)
+
+
+# pid 1s that outlived _reap_pid1's wait: their pidfds, until they are reaped.
+_LATE: list[int] = []
+_LATE_LOCK = threading.Lock()
+
+
+def _reap_late() -> int:
+    """Reap the late pid 1s that have exited by now (never blocks); how many still wait."""
+    with _LATE_LOCK:
+        pending, _LATE[:] = list(_LATE), []
+    waiting = []
+    for pidfd in pending:
+        try:
+            if os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is None:
+                waiting.append(pidfd)
+                continue
+        except ChildProcessError:
+            pass  # reaped by someone else, or not our child
         _close(pidfd)
+    with _LATE_LOCK:
+        _LATE.extend(waiting)
+        return len(_LATE)
 
 
 @dataclasses.dataclass(slots=True)
@@ -2055,6 +2087,7 @@ def _release(
     # Discarded sandboxes (the warm ones just now) remove their cgroups on
     # threads of their own, once bwrap is gone.
     _join_reapers(_CLOSE_REAP_S)
+    _reap_late()
     cleaner.pool.close()
     _close(*sealed)
     if dev_dir is not None:
@@ -2092,7 +2125,12 @@ class _Cleaner:
     def _serve(self) -> None:
         _no_wakeup_preemption()
         while True:
-            batch = [self._jobs.get()]
+            # Late pid 1s (see _reap_pid1) are looked at again with every
+            # batch, and every few seconds while no run ends.
+            try:
+                batch = [self._jobs.get(timeout=_LATE_RETRY_S if _reap_late() else None)]
+            except queue.Empty:
+                continue
             # Let finished runs gather (one wake-up for many under load) and
             # their last processes finish exiting (so the first rmdir works).
             time.sleep(_CLEAN_BATCH_S)
@@ -2111,6 +2149,8 @@ class _Cleaner:
 
 # How long the cleaner lets finished task cgroups gather before removing them.
 _CLEAN_BATCH_S = 0.02
+# How often the cleaner looks at late pid 1s while no run ends.
+_LATE_RETRY_S = 5.0
 
 
 async def _bwrap_version(path: str) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import resource
 import secrets
+import select
 import shutil
 import signal
 import stat
@@ -29,6 +30,7 @@ from gateway.sandbox import (
     BwrapSandbox,
     OutputCap,
     _parent_pid,
+    _reap_late,
     _reap_pid1,
     become_subreaper,
     classify_bwrap_failure,
@@ -1239,6 +1241,29 @@ def test_orphaned_pid1_is_reaped_by_the_gateway() -> None:
     pidfd = os.pidfd_open(orphan)
     assert _parent_pid(orphan) == os.getpid()
     _reap_pid1(pidfd, timeout_s=5)
+    assert not os.path.exists(f"/proc/{orphan}")
+
+
+@integration
+def test_a_pid1_slower_than_the_wait_is_reaped_later() -> None:
+    """A pid 1 still exiting when _reap_pid1 stops waiting does not stay a zombie for good."""
+    assert become_subreaper()
+    parent = subprocess.run(
+        ["sh", "-c", "sleep 0.3 >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    orphan = int(parent.stdout)
+    pidfd = os.pidfd_open(orphan)
+    _reap_pid1(pidfd, timeout_s=0.01)
+    assert _parent_pid(orphan) == os.getpid()  # still running: kept, not given up
+    assert _reap_late() >= 1
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    assert poller.poll(5000), "the orphan did not exit"
+    assert _parent_pid(orphan) == os.getpid()  # a zombie now, until someone reaps it
+    assert _reap_late() == 0
     assert not os.path.exists(f"/proc/{orphan}")
 
 
