@@ -658,20 +658,21 @@ def _reap_pid1(pidfd: int, timeout_s: float = _PID1_EXIT_S) -> None:
     """
     if pidfd < 0:
         return
-    exited = False
+    late = False
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
-        exited = bool(poller.poll(timeout_s * 1000))
-        if exited:
+        if poller.poll(timeout_s * 1000):
             with contextlib.suppress(ChildProcessError):
                 os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
-    finally:
-        if exited:
-            _close(pidfd)
         else:
+            late = True
+    finally:
+        if late:
             with _LATE_LOCK:
                 _LATE.append(pidfd)
+        else:
+            _close(pidfd)
 
 
 # pid 1s that outlived _reap_pid1's wait: their pidfds, until they are reaped.
@@ -689,8 +690,8 @@ def _reap_late() -> int:
             if os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is None:
                 waiting.append(pidfd)
                 continue
-        except ChildProcessError:
-            pass  # reaped by someone else, or not our child
+        except OSError:
+            pass  # reaped by someone else, or not our child: nothing to wait for
         _close(pidfd)
     with _LATE_LOCK:
         _LATE.extend(waiting)
