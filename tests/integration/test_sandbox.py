@@ -24,11 +24,13 @@ from pathlib import Path
 import pytest
 
 from gateway import cgroups as cg
+from gateway import sandbox as sandbox_mod
 from gateway.errors import InvalidArgument, Unavailable
 from gateway.models import Limits, RunResult, SandboxRequest, Stream
 from gateway.sandbox import (
     BwrapSandbox,
     OutputCap,
+    _Cleaner,
     _parent_pid,
     _reap_late,
     _reap_pid1,
@@ -38,6 +40,7 @@ from gateway.sandbox import (
     parse_info,
     plan_rlimits,
 )
+from tests.conftest import until
 
 unit = pytest.mark.unit
 integration = pytest.mark.integration
@@ -1244,17 +1247,23 @@ def test_orphaned_pid1_is_reaped_by_the_gateway() -> None:
     assert not os.path.exists(f"/proc/{orphan}")
 
 
-@integration
-def test_a_pid1_slower_than_the_wait_is_reaped_later() -> None:
-    """A pid 1 still exiting when _reap_pid1 stops waiting does not stay a zombie for good."""
+def _orphan(seconds: float) -> int:
+    """A process adopted by this one (a subreaper now) that exits after ``seconds``."""
     assert become_subreaper()
+    # Its output goes elsewhere: run() must not wait for it to close the pipes.
     parent = subprocess.run(
-        ["sh", "-c", "sleep 0.3 >/dev/null 2>&1 & echo $!"],
+        ["sh", "-c", f"sleep {seconds} >/dev/null 2>&1 & echo $!"],
         capture_output=True,
         text=True,
         check=True,
     )
-    orphan = int(parent.stdout)
+    return int(parent.stdout)
+
+
+@integration
+def test_a_pid1_slower_than_the_wait_is_reaped_later() -> None:
+    """A pid 1 still exiting when _reap_pid1 stops waiting does not stay a zombie for good."""
+    orphan = _orphan(0.3)
     pidfd = os.pidfd_open(orphan)
     _reap_pid1(pidfd, timeout_s=0.01)
     assert _parent_pid(orphan) == os.getpid()  # still running: kept, not given up
@@ -1265,6 +1274,34 @@ def test_a_pid1_slower_than_the_wait_is_reaped_later() -> None:
     assert _parent_pid(orphan) == os.getpid()  # a zombie now, until someone reaps it
     assert _reap_late() == 0
     assert not os.path.exists(f"/proc/{orphan}")
+
+
+def _gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+@integration
+async def test_the_cleaner_reaps_a_late_pid1_while_no_run_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The clean-up thread's idle wait wakes up for late pid 1s: no later run is needed."""
+    manager = cg.CgroupManager.detect(f"mcp-cg-late-{os.getpid()}")
+    if not manager.available:
+        pytest.skip(f"no writable cgroup hierarchy here: {manager.notes}")
+    monkeypatch.setattr(sandbox_mod, "_LATE_RETRY_S", 0.05)
+    orphan = _orphan(0.5)
+    _reap_pid1(os.pidfd_open(orphan), timeout_s=0.01)
+    pool = cg.CgroupPool(manager)
+    try:
+        cleaner = _Cleaner(pool)
+        cleaner.remove(pool.create("last", Limits()))  # the last run ends; none comes after
+        cleaner.join()
+        assert _parent_pid(orphan) == os.getpid()  # still sleeping, and still ours
+        await until(lambda: _gone(orphan))
+        assert _gone(orphan)
+    finally:
+        pool.close()
+        manager.close()
 
 
 @integration
