@@ -658,21 +658,32 @@ def _reap_pid1(pidfd: int, timeout_s: float = _PID1_EXIT_S) -> None:
     """
     if pidfd < 0:
         return
-    late = False
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
-        if poller.poll(timeout_s * 1000):
-            with contextlib.suppress(ChildProcessError):
-                os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
-        else:
-            late = True
-    finally:
-        if late:
-            with _LATE_LOCK:
-                _LATE.append(pidfd)
-        else:
-            _close(pidfd)
+        poller.poll(timeout_s * 1000)
+    except BaseException:
+        _close(pidfd)
+        raise
+    if not _reaped(pidfd):
+        with _LATE_LOCK:
+            _LATE.append(pidfd)
+
+
+def _reaped(pidfd: int) -> bool:
+    """Reap the process of ``pidfd`` if it has exited (never blocks); True, with
+    the pidfd closed, once there is nothing left to wait for.
+
+    Nothing is left either when it is not (or no longer) our child, or when
+    the kernel refuses to wait on it at all.
+    """
+    try:
+        if os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is None:
+            return False
+    except OSError:
+        pass
+    _close(pidfd)
+    return True
 
 
 # pid 1s that outlived _reap_pid1's wait: their pidfds, until they are reaped.
@@ -684,15 +695,7 @@ def _reap_late() -> int:
     """Reap the late pid 1s that have exited by now (never blocks); how many still wait."""
     with _LATE_LOCK:
         pending, _LATE[:] = list(_LATE), []
-    waiting = []
-    for pidfd in pending:
-        try:
-            if os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is None:
-                waiting.append(pidfd)
-                continue
-        except OSError:
-            pass  # reaped by someone else, or not our child: nothing to wait for
-        _close(pidfd)
+    waiting = [pidfd for pidfd in pending if not _reaped(pidfd)]
     with _LATE_LOCK:
         _LATE.extend(waiting)
         return len(_LATE)

@@ -1260,6 +1260,10 @@ def _orphan(seconds: float) -> int:
     return int(parent.stdout)
 
 
+def _gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
 @integration
 def test_a_pid1_slower_than_the_wait_is_reaped_later() -> None:
     """A pid 1 still exiting when _reap_pid1 stops waiting does not stay a zombie for good."""
@@ -1273,11 +1277,7 @@ def test_a_pid1_slower_than_the_wait_is_reaped_later() -> None:
     assert poller.poll(5000), "the orphan did not exit"
     assert _parent_pid(orphan) == os.getpid()  # a zombie now, until someone reaps it
     assert _reap_late() == 0
-    assert not os.path.exists(f"/proc/{orphan}")
-
-
-def _gone(pid: int) -> bool:
-    return not os.path.exists(f"/proc/{pid}")
+    assert _gone(orphan)
 
 
 @integration
