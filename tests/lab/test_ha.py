@@ -140,17 +140,34 @@ def outage(probes: list[tuple[float, bool]], since: float) -> float:
     return math.inf if first_failed is not None else worst
 
 
-@pytest.fixture
-def repairs() -> Iterator[list[Callable[[], object]]]:
-    """Undo steps for a fault, run at teardown even when the test failed.
+class Repairs:
+    """Faults undone at teardown, even when the test failed.
 
     A failed case must not leave the pair broken for the next ones (a link
-    still down, a gateway still stopped).  Each step must be harmless when
+    still down, a gateway still stopped).  A repair must be harmless when
     the test has undone its fault already.
     """
-    steps: list[Callable[[], object]] = []
-    yield steps
-    for step in reversed(steps):
+
+    def __init__(self) -> None:
+        self.steps: list[Callable[[], object]] = []
+
+    def fault(
+        self, fault: Callable[[Machine], object], repair: Callable[[Machine], object]
+    ) -> Callable[[Machine], None]:
+        """``fault`` for :func:`failover`, with ``repair`` of the same machine at teardown."""
+
+        def apply(machine: Machine) -> None:
+            self.steps.append(lambda: repair(machine))
+            fault(machine)
+
+        return apply
+
+
+@pytest.fixture
+def repairs() -> Iterator[Repairs]:
+    pending = Repairs()
+    yield pending
+    for step in reversed(pending.steps):
         step()
 
 
@@ -219,26 +236,26 @@ def test_failover_when_the_gateway_is_killed(lab: Lab) -> None:
     assert_no_failback(lab, master, backup)
 
 
-def test_failover_when_the_gateway_hangs(lab: Lab, repairs: list[Callable[[], object]]) -> None:
-    def hang(machine: Machine) -> None:
-        repairs.append(lambda: lab.ssh(machine, "systemctl kill -s CONT mcp-gateway"))
-        lab.ssh(machine, "systemctl kill -s STOP mcp-gateway")
+def test_failover_when_the_gateway_hangs(lab: Lab, repairs: Repairs) -> None:
+    def resume(machine: Machine) -> None:
+        lab.ssh(machine, "systemctl kill -s CONT mcp-gateway")
 
+    hang = repairs.fault(lambda m: lab.ssh(m, "systemctl kill -s STOP mcp-gateway"), resume)
     master, backup = failover(lab, "gateway_hung", hang)
-    lab.ssh(master, "systemctl kill -s CONT mcp-gateway")
+    resume(master)
     assert_no_failback(lab, master, backup)
 
 
-def test_failover_when_opa_stops(lab: Lab, repairs: list[Callable[[], object]]) -> None:
-    def stop_opa(machine: Machine) -> None:
-        repairs.append(lambda: lab.ssh(machine, "systemctl start opa"))
-        lab.ssh(machine, "systemctl stop opa")
+def test_failover_when_opa_stops(lab: Lab, repairs: Repairs) -> None:
+    def start_opa(machine: Machine) -> None:
+        lab.ssh(machine, "systemctl start opa")
 
+    stop_opa = repairs.fault(lambda m: lab.ssh(m, "systemctl stop opa"), start_opa)
     master, backup = failover(lab, "opa_stopped", stop_opa)
     status, body = curl(lab, f"https://{master.address}:{PORT}/ready")
     assert status == 503, body
     assert json.loads(body)["checks"]["policy"]["ok"] is False, body
-    lab.ssh(master, "systemctl start opa")
+    start_opa(master)
     assert_no_failback(lab, master, backup)
 
 
@@ -333,13 +350,12 @@ def test_certificate_rotation_is_rolling_and_keeps_the_vip_name(lab: Lab) -> Non
         assert lab.vip in [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
 
 
-def test_failover_when_the_link_goes_down(lab: Lab, repairs: list[Callable[[], object]]) -> None:
-    def unplug(machine: Machine) -> None:
-        repairs.append(lambda: lab.set_link(machine, True))
-        lab.set_link(machine, False)
+def test_failover_when_the_link_goes_down(lab: Lab, repairs: Repairs) -> None:
+    def plug(machine: Machine) -> None:
+        lab.set_link(machine, True)
 
-    master, _ = failover(lab, "link_down", unplug)
-    lab.set_link(master, True)
+    master, _ = failover(lab, "link_down", repairs.fault(lambda m: lab.set_link(m, False), plug))
+    plug(master)
     # Two masters meet again: one yields, and the pair settles with one VIP holder.
     wait_stable(lab)
 
