@@ -413,7 +413,7 @@ if __name__ == "__main__":
     parser.add_argument("-n", type=int, default=200, help="sequential samples per series")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
     parser.add_argument("--total", type=int, default=320, help="tasks per throughput run")
-    parser.add_argument("--tp-rounds", type=int, default=3, help="interleaved throughput runs")
+    parser.add_argument("--tp-rounds", type=int, default=5, help="interleaved throughput runs")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--paced-n", type=int, default=100, help="requests with a pause, each")
     parser.add_argument("--pause-ms", type=float, default=20.0, help="the pause before each")
