@@ -106,12 +106,16 @@ def inventory_name(lab: Lab, machine: Machine) -> str:
 
 
 class Probe:
-    """The probe loop (tests/lab/probe.py) against the VIP, in the client namespace."""
+    """The probe loop (tests/lab/probe.py) against the VIP, in the client namespace.
+
+    The token goes as ``--token=VALUE``: a fresh token may begin with ``-``,
+    and argparse takes a separate argument that does for an option.
+    """
 
     def __init__(self, lab: Lab) -> None:
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", lab.client, str(PYTHON), "-m", "tests.lab.probe",
-             f"https://{lab.vip}:{PORT}/v1/files", "--token", lab.api_token, "--ca", str(CA),
+             f"https://{lab.vip}:{PORT}/v1/files", f"--token={lab.api_token}", "--ca", str(CA),
              "--interval", "0.04", "--timeout", str(PROBE_TIMEOUT_S), "--max-seconds", "120"],
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -300,7 +304,7 @@ def rolling(lab: Lab, playbook: str) -> dict[str, object]:
     pids = {m.name: main_pid(lab, m) for m in lab.machines}
     loop = subprocess.Popen(
         ["ip", "netns", "exec", lab.client, str(PYTHON), "-m", "tests.lab.client_loop",
-         f"https://{lab.vip}:{PORT}", "--token", lab.api_token, "--ca", str(CA)],
+         f"https://{lab.vip}:{PORT}", f"--token={lab.api_token}", "--ca", str(CA)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
