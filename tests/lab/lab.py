@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -423,7 +424,7 @@ class Lab:
             f"    ansible_ssh_private_key_file: {ssh_key()}\n"
             "    ansible_ssh_common_args: >-\n"
             "      -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null\n"
-            f"    mcp_gateway_opa_token: {self.opa_token}\n"
+            f"    mcp_gateway_opa_token: {json.dumps(self.opa_token)}\n"
             "    mcp_gateway_tokens:\n"
             "      - subject: lab\n        roles: [developer]\n"
             f"        sha256: {hashlib.sha256(self.api_token.encode()).hexdigest()}\n"
