@@ -105,19 +105,26 @@ def inventory_name(lab: Lab, machine: Machine) -> str:
     return f"n{lab.machines.index(machine) + 1}"
 
 
-class Probe:
-    """The probe loop (tests/lab/probe.py) against the VIP, in the client namespace.
+def client_loop(lab: Lab, module: str, url: str, *options: str) -> subprocess.Popen[str]:
+    """``python -m module url`` in the client namespace, with the lab's token and CA.
 
     The token goes as ``--token=VALUE``: a fresh token may begin with ``-``,
     and argparse takes a separate argument that does for an option.
     """
+    return subprocess.Popen(
+        ["ip", "netns", "exec", lab.client, str(PYTHON), "-m", module, url,
+         f"--token={lab.api_token}", "--ca", str(CA), *options],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+class Probe:
+    """The probe loop (tests/lab/probe.py) against the VIP, in the client namespace."""
 
     def __init__(self, lab: Lab) -> None:
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.client, str(PYTHON), "-m", "tests.lab.probe",
-             f"https://{lab.vip}:{PORT}/v1/files", f"--token={lab.api_token}", "--ca", str(CA),
-             "--interval", "0.04", "--timeout", str(PROBE_TIMEOUT_S), "--max-seconds", "120"],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        self.proc = client_loop(
+            lab, "tests.lab.probe", f"https://{lab.vip}:{PORT}/v1/files",
+            "--interval", "0.04", "--timeout", str(PROBE_TIMEOUT_S), "--max-seconds", "120",
         )  # fmt: skip
 
     def stop(self) -> list[tuple[float, bool]]:
@@ -302,11 +309,7 @@ def rolling(lab: Lab, playbook: str) -> dict[str, object]:
     """Run a rolling playbook with a client-library loop on the VIP; return the loop's report."""
     wait_stable(lab)
     pids = {m.name: main_pid(lab, m) for m in lab.machines}
-    loop = subprocess.Popen(
-        ["ip", "netns", "exec", lab.client, str(PYTHON), "-m", "tests.lab.client_loop",
-         f"https://{lab.vip}:{PORT}", f"--token={lab.api_token}", "--ca", str(CA)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    loop = client_loop(lab, "tests.lab.client_loop", f"https://{lab.vip}:{PORT}")
     try:
         time.sleep(2)
         started = time.monotonic()
